@@ -1,0 +1,75 @@
+"""Backends and the one place where ``backend="auto"`` is resolved.
+
+A *fast* backend (``chunked``, ``triton``, ``cuda``) is a module that provides three primitives; the
+composition of the SPEC terms out of them lives once, in :mod:`lsr_kernels.composite`. The
+``reference`` backend is :mod:`lsr_kernels.reference` itself (it materialises every matrix and is the
+oracle the others are tested against).
+
+Primitive contract (every fast backend, every dtype fp32/fp16/bf16; inputs already validated and
+contiguous; ``scale`` is a 0-dim floating tensor on the features' device that may require grad;
+the returned loss is a 0-dim **float32** tensor; gradients come back in each input's own dtype):
+
+``info_nce(a, b, scale, symmetric) -> Tensor``
+    ``a``, ``b``: ``[N, D]``. With ``X = scale * a @ b.T``:
+    ``symmetric=False``: ``CE(X)``; ``symmetric=True``: ``(CE(X) + CE(X.T)) / 2``,
+    where ``CE(X) = mean_i -log softmax(X)[i, i]``. Gradients for ``a``, ``b`` and ``scale``.
+
+``exp_gram_sum(x, t) -> Tensor``
+    ``x``: ``[N, D]``, ``t``: python float > 0.
+    ``sum_{j,k} exp(-t * ||x_j - x_k||^2)`` with ``||x_j - x_k||^2 = |x_j|^2 + |x_k|^2 - 2 <x_j, x_k>``
+    (the pair ``j = k`` included). Gradient for ``x``. Symmetric: only tiles on or above the diagonal.
+
+``itc_soft_ce(q, q_m, bank, scale, alpha) -> Tensor``
+    ``q``, ``q_m``: ``[N, D]``, ``bank``: ``[M, D]`` with ``M >= N`` whose first ``N`` rows are the
+    positives (row ``i`` of ``q`` pairs with row ``i`` of ``bank``); ``alpha`` a python float in [0, 1].
+    ``P = softmax(scale * q @ bank.T)``, ``Y = alpha * softmax(scale * q_m @ bank.T) + (1 - alpha) * I``
+    (``Y`` is a constant: no gradient through the soft targets, as in ALBEF where they are computed
+    under ``no_grad``), loss ``= -(1/N) sum_ij Y_ij log P_ij``. Gradients for ``q`` and ``scale`` only.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+#: Every backend name the public API accepts.
+BACKENDS = ("auto", "reference", "chunked", "triton", "cuda")
+
+_FAST_MODULES = {
+    "chunked": "lsr_kernels.backends.chunked",
+    "triton": "lsr_kernels.backends.triton",
+    "cuda": "lsr_kernels.backends.cuda",
+}
+
+
+def _triton_usable() -> bool:
+    try:
+        importlib.import_module("triton")
+    except Exception:  # an absent or broken Triton only means "not this backend"
+        return False
+    return True
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The selection rule for ``backend="auto"``, the only one in the library.
+
+    - CUDA device: ``triton`` when Triton imports, else ``chunked``.
+    - any other device (CPU, MPS, ...): ``chunked``.
+    ``reference`` is never chosen automatically: it materialises N x N matrices.
+    An explicit name is returned unchanged (after checking that it is a known name).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    if device.type == "cuda" and _triton_usable():
+        return "triton"
+    return "chunked"
+
+
+def primitives(backend: str) -> ModuleType:
+    """The module implementing the three primitives for a resolved fast backend name."""
+    if backend not in _FAST_MODULES:
+        raise ValueError(f"backend: {backend!r} has no primitives (expected one of {tuple(_FAST_MODULES)})")
+    return importlib.import_module(_FAST_MODULES[backend])
