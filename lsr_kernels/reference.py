@@ -51,7 +51,7 @@ def contrastive_loss(
     """
     l_v2t = cross_entropy_diag(_logits(image, text, scale))
     l_t2v = cross_entropy_diag(_logits(text, image, scale))
-    if image_aug is None and text_aug is None:
+    if image_aug is None or text_aug is None:
         return (l_v2t + l_t2v) / 2
     l_v2v = cross_entropy_diag(_logits(image, image_aug, scale))
     l_t2t = cross_entropy_diag(_logits(text, text_aug, scale))
@@ -131,7 +131,7 @@ def geometric_loss(
     n = v.shape[0]
     s_vt, s_vv, s_tt = v @ t.T, v @ v.T, t @ t.T
     loss = ((s_vt - s_vt.T).pow(2).sum() + (s_vv - s_tt).pow(2).sum()) / n
-    if image_aug is None and text_aug is None:
+    if image_aug is None or text_aug is None:
         return loss
     va, ta = _wide(image_aug), _wide(text_aug)
     loss = loss + ((s_vv - va @ va.T).pow(2).sum() + (s_tt - ta @ ta.T).pow(2).sum()) / n

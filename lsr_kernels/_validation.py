@@ -1,0 +1,118 @@
+"""Input checks of SPEC section 6, done once in the public API before any backend runs.
+
+Every error names the argument and what it got, so a wrong call fails at the call site with a message
+a user can act on, never with a wrong number or a crash inside a kernel. Backends may therefore
+assume valid, contiguous inputs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _describe(x: Tensor) -> str:
+    return f"shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
+
+
+def check_features(named: Dict[str, Optional[Tensor]], *, width_only: Sequence[str] = ()) -> Tuple[int, int]:
+    """Check a set of feature matrices; return ``(N, D)``.
+
+    Every tensor must be a 2-D floating ``[N, D]`` matrix (``[K, D]`` for names in ``width_only``,
+    the queues) with one dtype and one device across the set. ``None`` entries are skipped.
+    The first entry fixes ``N``, ``D``, dtype and device.
+    """
+    first_name = None
+    n = d = None
+    dtype = device = None
+    for name, x in named.items():
+        if x is None:
+            continue
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D [N, D] feature matrix, got {_describe(x)}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected float16, bfloat16, float32 or float64, got {_describe(x)}")
+        if first_name is None:
+            first_name, n, d, dtype, device = name, x.shape[0], x.shape[1], x.dtype, x.device
+            if n == 0:
+                raise ValueError(f"{name}: empty batch (N = 0), got {_describe(x)}")
+            if d == 0:
+                raise ValueError(f"{name}: zero feature width (D = 0), got {_describe(x)}")
+            continue
+        if x.dtype != dtype:
+            raise TypeError(f"{name}: dtype {x.dtype} differs from {first_name}'s {dtype} "
+                            f"(mixed dtypes; cast the features to one dtype)")
+        if x.device != device:
+            raise ValueError(f"{name}: device {x.device} differs from {first_name}'s {device}")
+        if x.shape[1] != d:
+            raise ValueError(f"{name}: feature width D = {x.shape[1]} does not match {first_name}'s "
+                             f"D = {d} (got {_describe(x)}, {first_name} has shape {(n, d)})")
+        if name not in width_only and x.shape[0] != n:
+            raise ValueError(f"{name}: batch size N = {x.shape[0]} does not match {first_name}'s "
+                             f"N = {n} (got {_describe(x)}, {first_name} has shape {(n, d)})")
+    return n, d
+
+
+def check_scale(logit_scale, like: Tensor) -> Tensor:
+    """Return the logit scale as a 0-dim tensor on ``like``'s device; reject non-scalars and s <= 0.
+
+    ``logit_scale`` is the already-exponentiated multiplier (open_clip's convention). A Python number
+    becomes a constant tensor. The positivity check reads the value (one host sync per call, skipped
+    while ``torch.compile`` traces).
+    """
+    if isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool):
+        logit_scale = torch.tensor(float(logit_scale), device=like.device,
+                                   dtype=like.dtype if like.dtype == torch.float64 else torch.float32)
+    if not isinstance(logit_scale, Tensor):
+        raise TypeError(f"logit_scale: expected a scalar tensor or a number, got {type(logit_scale).__name__}")
+    if logit_scale.numel() != 1:
+        raise ValueError(f"logit_scale: expected a scalar (one element), got shape {tuple(logit_scale.shape)}")
+    if not logit_scale.is_floating_point():
+        raise TypeError(f"logit_scale: expected a floating tensor, got dtype {logit_scale.dtype}")
+    if logit_scale.device != like.device:
+        raise ValueError(f"logit_scale: device {logit_scale.device} differs from the features' {like.device}")
+    logit_scale = logit_scale.reshape(())
+    if not torch.compiler.is_compiling():
+        value = float(logit_scale.detach())
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"logit_scale: expected a finite positive multiplier (already exponentiated, "
+                             f"as open_clip passes logit_scale.exp()), got {value}")
+    return logit_scale
+
+
+def check_open_interval(name: str, value: float, low: float, high: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (low < value < high):
+        raise ValueError(f"{name}: expected a number in ({low}, {high}), got {value!r}")
+    return float(value)
+
+
+def check_unit_interval(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 <= value <= 1.0):
+        raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_positive(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 < value < math.inf):
+        raise ValueError(f"{name}: expected a finite positive number, got {value!r}")
+    return float(value)
+
+
+def check_weight(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 <= value < math.inf):
+        raise ValueError(f"{name}: expected a finite weight >= 0 (0 switches the term off), got {value!r}")
+    return float(value)
+
+
+def require(term: str, named: Dict[str, Optional[Tensor]]) -> None:
+    """A term that is on needs its inputs: name every missing one."""
+    missing = [name for name, x in named.items() if x is None]
+    if missing:
+        raise ValueError(f"{term} is on but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                         f"missing (pass {', '.join(missing)}, or set its weight to 0)")

@@ -1,0 +1,143 @@
+"""Public functional API: validate once (SPEC section 6), resolve the backend, compute.
+
+``backend`` is one of ``"auto"``, ``"reference"``, ``"chunked"``, ``"triton"``, ``"cuda"``; the rule
+``"auto"`` follows is :func:`lsr_kernels.backends.resolve` (the only place it is written).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+from torch import Tensor
+
+from . import backends, composite, reference
+from . import _validation as V
+
+
+def _contiguous(x: Optional[Tensor]) -> Optional[Tensor]:
+    return None if x is None else x.contiguous()
+
+
+def lsr_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale,
+    *,
+    image_aug: Optional[Tensor] = None,
+    text_aug: Optional[Tensor] = None,
+    image_ind: Optional[Tensor] = None,
+    text_ind: Optional[Tensor] = None,
+    image_ind_aug: Optional[Tensor] = None,
+    text_ind_aug: Optional[Tensor] = None,
+    sep_weight: float = 0.0,
+    bridge_weight: float = 0.0,
+    gc_weight: float = 0.0,
+    bridge_t: float = 0.25,
+    uniformity_t: float = 2.0,
+    backend: str = "auto",
+) -> Dict[str, Tensor]:
+    """The full objective of SPEC 2.5 and each of its terms.
+
+    ``L = L_con + sep_weight * L_sep + bridge_weight * L_br + gc_weight * (L_gc + L_gca)``.
+
+    Args:
+        image_features, text_features: ``[N, D]`` L2-normalised rows (``V``, ``T``).
+        logit_scale: the already-exponentiated scale ``s`` (a CLIP model passes ``logit_scale.exp()``,
+            an ALBEF model ``1 / temp``); a scalar tensor that may require grad.
+        image_aug, text_aug: augmented views ``Va``, ``Ta``. With both, the contrastive loss is the
+            four-term form of SPEC 2.1 and geometric consistency adds ``L_gca``. The bridge needs
+            ``image_aug``.
+        image_ind, text_ind, image_ind_aug, text_ind_aug: the independent heads' features ``Vi``,
+            ``Ti``, ``Via``, ``Tia`` (separation only).
+        sep_weight, bridge_weight, gc_weight: a weight of 0 (the default: plain CLIP) switches the term
+            off and makes its inputs optional. The paper's values are ``1``, ``1`` and ``0.25``.
+        bridge_t: the bridge position ``t`` in (0, 1) (paper: 0.25).
+        uniformity_t: the uniformity temperature ``t_u`` > 0 (paper: 2).
+        backend: ``"auto"``, ``"reference"``, ``"chunked"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        ``{"loss", "contrastive_loss"}`` plus the unweighted ``"separation_loss"``, ``"bridge_loss"``,
+        ``"geometric_loss"`` of the terms that are on; 0-dim float32 tensors (float64 for float64
+        inputs).
+    """
+    sep_weight = V.check_weight("sep_weight", sep_weight)
+    bridge_weight = V.check_weight("bridge_weight", bridge_weight)
+    gc_weight = V.check_weight("gc_weight", gc_weight)
+    bridge_t = V.check_open_interval("bridge_t", bridge_t, 0.0, 1.0)
+    uniformity_t = V.check_positive("uniformity_t", uniformity_t)
+    features = {
+        "image_features": image_features, "text_features": text_features,
+        "image_aug": image_aug, "text_aug": text_aug,
+        "image_ind": image_ind, "text_ind": text_ind,
+        "image_ind_aug": image_ind_aug, "text_ind_aug": text_ind_aug,
+    }
+    V.check_features(features)
+    scale = V.check_scale(logit_scale, image_features)
+    # One view without the other would silently drop the in-modal terms: only the bridge uses
+    # image_aug on its own.
+    if (image_aug is None) != (text_aug is None) and not (bridge_weight > 0 and text_aug is None):
+        given, missing = ("image_aug", "text_aug") if text_aug is None else ("text_aug", "image_aug")
+        raise ValueError(f"{given} was given without {missing}: the contrastive and geometric terms use "
+                         f"the augmented views as a pair (only the bridge uses image_aug alone)")
+    if sep_weight > 0:
+        V.require("separation (sep_weight > 0)", {"image_ind": image_ind, "text_ind": text_ind,
+                                                   "image_ind_aug": image_ind_aug, "text_ind_aug": text_ind_aug})
+    if bridge_weight > 0:
+        V.require("the bridge (bridge_weight > 0)", {"image_aug": image_aug})
+
+    args = {k: _contiguous(v) for k, v in features.items()}
+    image, text = args.pop("image_features"), args.pop("text_features")
+    switches = dict(bridge_t=bridge_t, uniformity_t=uniformity_t)
+    name = backends.resolve(backend, image.device)
+    if name == "reference":
+        terms = reference.lsr_terms(image, text, scale, separation=sep_weight > 0, bridge=bridge_weight > 0,
+                                    geometric=gc_weight > 0, **args, **switches)
+    else:
+        terms = composite.lsr_terms(backends.primitives(name), image, text, scale, separation_on=sep_weight > 0,
+                                    bridge_on=bridge_weight > 0, geometric_on=gc_weight > 0, **args, **switches)
+    weights = {"separation_loss": sep_weight, "bridge_loss": bridge_weight, "geometric_loss": gc_weight}
+    loss = terms["contrastive_loss"]
+    for key, weight in weights.items():
+        if key in terms:
+            loss = loss + weight * terms[key]
+    return {"loss": loss, **terms}
+
+
+def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, backend: str = "auto") -> Tensor:
+    """CLIP's symmetric InfoNCE (SPEC 2.1 without views), equal to open_clip's ``ClipLoss``:
+    ``(CE(s V T^T) + CE(s T V^T)) / 2``."""
+    return lsr_loss(image_features, text_features, logit_scale, backend=backend)["loss"]
+
+
+def itc_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    image_features_m: Tensor,
+    text_features_m: Tensor,
+    logit_scale,
+    *,
+    image_queue: Optional[Tensor] = None,
+    text_queue: Optional[Tensor] = None,
+    alpha: float = 0.4,
+    backend: str = "auto",
+) -> Tensor:
+    """ALBEF's image-text contrastive loss with momentum distillation and a queue (SPEC 2.6).
+
+    ``image_features_m``, ``text_features_m``: the momentum encoders' ``[N, D]`` features (no
+    gradient); ``image_queue``, ``text_queue``: ``[K, D]`` queues of earlier momentum features (each
+    optional; K may differ); ``logit_scale``: ``1 / temp``; ``alpha``: the distillation weight in
+    [0, 1]. Gradients reach ``image_features``, ``text_features`` and ``logit_scale`` only.
+    """
+    alpha = V.check_unit_interval("alpha", alpha)
+    features = {"image_features": image_features, "text_features": text_features,
+                "image_features_m": image_features_m, "text_features_m": text_features_m,
+                "image_queue": image_queue, "text_queue": text_queue}
+    V.check_features(features, width_only=("image_queue", "text_queue"))
+    scale = V.check_scale(logit_scale, image_features)
+    args = {k: _contiguous(v) for k, v in features.items()}
+    name = backends.resolve(backend, image_features.device)
+    if name == "reference":
+        return reference.itc_loss(args["image_features"], args["text_features"], args["image_features_m"],
+                                  args["text_features_m"], scale, args["image_queue"], args["text_queue"], alpha)
+    return composite.itc(backends.primitives(name), args["image_features"], args["text_features"],
+                         args["image_features_m"], args["text_features_m"], scale,
+                         args["image_queue"], args["text_queue"], alpha)

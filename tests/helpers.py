@@ -1,0 +1,43 @@
+"""Shared test helpers: inputs with the right structure and error metrics that can fail."""
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+FEATURE_NAMES = ("image_features", "text_features", "image_aug", "text_aug",
+                 "image_ind", "text_ind", "image_ind_aug", "text_ind_aug")
+
+
+def unit_rows(n, d, dtype=torch.float32, device="cpu", requires_grad=True):
+    x = F.normalize(torch.randn(n, d, dtype=torch.float64), dim=-1).to(device=device, dtype=dtype)
+    return x.requires_grad_(requires_grad)
+
+
+def lsr_inputs(n, d, dtype=torch.float32, device="cpu", scale=10.0):
+    """All eight feature sets of SPEC 2.2-2.4 plus a scale that requires grad."""
+    feats = {name: unit_rows(n, d, dtype, device) for name in FEATURE_NAMES}
+    s = torch.tensor(scale, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                     device=device, requires_grad=True)
+    return feats, s
+
+
+def grads(loss, tensors):
+    """Gradients of ``loss`` w.r.t. ``tensors`` (zeros where it does not depend on one)."""
+    gs = torch.autograd.grad(loss, tensors, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(gs, tensors)]
+
+
+def rel_err(x, ref):
+    """Relative error in the 2-norm: ||x - ref|| / max(||ref||, tiny). Two-sided, scale-free."""
+    x, ref = x.detach().double(), ref.detach().double()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def backend_available(name: str) -> bool:
+    try:
+        importlib.import_module(f"lsr_kernels.backends.{name}")
+    except ImportError:
+        return False
+    return True

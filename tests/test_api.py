@@ -1,0 +1,207 @@
+"""Public API: keys and weights, modules, the queue, backend resolution, and every bad input of SPEC 6."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lsr_kernels
+from lsr_kernels import FeatureQueue, ITCLoss, LSRLoss, backends, reference as R
+from helpers import lsr_inputs, rel_err, unit_rows
+
+open_clip_loss = pytest.importorskip("open_clip.loss")
+
+ALL_ON = dict(sep_weight=1.0, bridge_weight=1.0, gc_weight=0.25)
+
+
+def _call(feats, s, **kw):
+    return lsr_kernels.lsr_loss(feats["image_features"], feats["text_features"], s,
+                                **{k: v for k, v in feats.items() if k not in ("image_features", "text_features")},
+                                **kw)
+
+
+def test_lsr_loss_keys_and_weighted_total():
+    feats, s = lsr_inputs(9, 5)
+    plain = _call(feats, s, backend="reference")
+    assert set(plain) == {"loss", "contrastive_loss"}
+    out = _call(feats, s, backend="reference", sep_weight=0.5, bridge_weight=2.0, gc_weight=0.25)
+    assert set(out) == {"loss", "contrastive_loss", "separation_loss", "bridge_loss", "geometric_loss"}
+    total = out["contrastive_loss"] + 0.5 * out["separation_loss"] + 2.0 * out["bridge_loss"] \
+        + 0.25 * out["geometric_loss"]
+    assert rel_err(out["loss"], total) < 1e-7
+    assert out["loss"].dtype == torch.float32 and out["loss"].dim() == 0
+
+
+def test_weights_switch_terms_and_inputs_become_optional():
+    v, t = unit_rows(6, 4), unit_rows(6, 4)
+    s = torch.tensor(5.0)
+    out = lsr_kernels.lsr_loss(v, t, s, gc_weight=1.0, backend="reference")
+    assert set(out) == {"loss", "contrastive_loss", "geometric_loss"}
+    va = unit_rows(6, 4)
+    out = lsr_kernels.lsr_loss(v, t, s, image_aug=va, bridge_weight=1.0, backend="reference")
+    assert set(out) == {"loss", "contrastive_loss", "bridge_loss"}
+    # image_aug alone (bridge only) leaves the contrastive term in its two-view form
+    assert rel_err(out["contrastive_loss"], R.contrastive_loss(v, t, s)) < 1e-7
+
+
+def test_clip_loss_and_module_match_open_clip_dropin():
+    v, t = unit_rows(33, 16), unit_rows(33, 16)
+    s = torch.tensor(20.0, requires_grad=True)
+    theirs = open_clip_loss.ClipLoss()(v, t, s)
+    for loss in (lsr_kernels.clip_loss(v, t, s, backend="reference"),
+                 lsr_kernels.ClipLoss(backend="reference")(v, t, s),
+                 lsr_kernels.ClipLoss(backend="reference")(v, t, s, output_dict=True)["contrastive_loss"]):
+        assert rel_err(loss, theirs) < 1e-6
+
+
+def test_lsr_module_and_itc_module():
+    feats, s = lsr_inputs(7, 6)
+    mod = LSRLoss(**ALL_ON, backend="reference")
+    kw = {k: v for k, v in feats.items() if k not in ("image_features", "text_features")}
+    out = mod(feats["image_features"], feats["text_features"], s, output_dict=True, **kw)
+    assert rel_err(out["loss"], _call(feats, s, backend="reference", **ALL_ON)["loss"]) < 1e-7
+    assert mod(feats["image_features"], feats["text_features"], s, **kw).dim() == 0
+    v, t, vm, tm = (feats[k] for k in ("image_features", "text_features", "image_aug", "text_aug"))
+    q = unit_rows(12, 6, requires_grad=False)
+    loss = ITCLoss(alpha=0.3, backend="reference")(v, t, vm, tm, s, image_queue=q, text_queue=q)
+    assert rel_err(loss, R.itc_loss(v, t, vm, tm, s, q, q, 0.3)) < 1e-7
+
+
+def test_logit_scale_as_number_and_shape_one():
+    v, t = unit_rows(5, 3), unit_rows(5, 3)
+    ref = lsr_kernels.clip_loss(v, t, torch.tensor(7.0), backend="reference")
+    assert rel_err(lsr_kernels.clip_loss(v, t, 7.0, backend="reference"), ref) < 1e-7
+    assert rel_err(lsr_kernels.clip_loss(v, t, torch.tensor([7.0]), backend="reference"), ref) < 1e-7
+
+
+def test_non_contiguous_inputs():
+    v = unit_rows(8, 12).detach()[:, ::2]
+    t = unit_rows(12, 8).detach().T
+    s = torch.tensor(3.0)
+    a = lsr_kernels.lsr_loss(v, t[:, :6], s, gc_weight=1.0, backend="reference")
+    b = lsr_kernels.lsr_loss(v.contiguous(), t[:, :6].contiguous(), s, gc_weight=1.0, backend="reference")
+    assert rel_err(a["loss"], b["loss"]) < 1e-7
+
+
+# ------------------------------------------------------------------------------------ the queue
+def test_queue_wraps_around_like_one_row_at_a_time():
+    for size, batches in [(5, [2, 2, 2, 3]), (4, [4, 4]), (3, [7]), (6, [0, 1, 5, 8])]:
+        queue = FeatureQueue(size, 2)
+        expected = queue.features.clone()
+        ptr = 0
+        counter = 0
+        for b in batches:
+            rows = torch.arange(counter, counter + b, dtype=torch.float32)[:, None].repeat(1, 2)
+            counter += b
+            queue.enqueue(rows)
+            for r in rows:
+                expected[ptr] = r
+                ptr = (ptr + 1) % size
+            assert torch.equal(queue.features, expected), (size, batches)
+            assert int(queue.ptr) == ptr
+
+
+def test_queue_state_is_in_the_state_dict_and_rejects_wrong_width():
+    queue = FeatureQueue(4, 3)
+    assert set(queue.state_dict()) == {"features", "ptr"}
+    assert torch.allclose(queue.features.norm(dim=1), torch.ones(4))
+    with pytest.raises(ValueError, match=r"rows: expected \[B, 3\]"):
+        queue.enqueue(torch.zeros(2, 4))
+
+
+# ----------------------------------------------------------------------------- backend selection
+def test_backend_resolution_rule():
+    assert backends.resolve("auto", torch.device("cpu")) == "chunked"
+    assert backends.resolve("reference", torch.device("cpu")) == "reference"
+    with pytest.raises(ValueError, match="backend"):
+        backends.resolve("fast", torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------- bad inputs
+def _bad(match, exc=ValueError, **overrides):
+    feats, s = lsr_inputs(6, 4)
+    kw = dict(backend="reference")
+    args = dict(feats)
+    for k, v in overrides.items():
+        (args if k in args else kw)[k] = v
+    scale = kw.pop("logit_scale", s)
+    with pytest.raises(exc, match=match):
+        lsr_kernels.lsr_loss(args.pop("image_features"), args.pop("text_features"), scale, **args, **kw)
+
+
+@pytest.mark.parametrize("case", [
+    dict(match=r"image_features: expected a 2-D \[N, D\].*shape \(6,\)", image_features=torch.zeros(6)),
+    dict(match=r"text_features: batch size N = 5 does not match image_features's N = 6",
+         text_features=torch.zeros(5, 4)),
+    dict(match=r"image_aug: feature width D = 3 does not match", image_aug=torch.zeros(6, 3)),
+    dict(match=r"text_ind: dtype torch.float64 differs", exc=TypeError, text_ind=torch.zeros(6, 4, dtype=torch.float64),
+         sep_weight=1.0),
+    dict(match=r"image_features: expected float16.*torch.int64", exc=TypeError,
+         image_features=torch.zeros(6, 4, dtype=torch.long)),
+    dict(match=r"image_features: empty batch", image_features=torch.zeros(0, 4), text_features=torch.zeros(0, 4)),
+    dict(match=r"image_features: expected a torch.Tensor, got list", exc=TypeError, image_features=[[1.0]]),
+    dict(match=r"logit_scale: expected a scalar.*shape \(2,\)", logit_scale=torch.ones(2)),
+    dict(match=r"logit_scale: expected a finite positive", logit_scale=torch.tensor(0.0)),
+    dict(match=r"logit_scale: expected a finite positive", logit_scale=torch.tensor(-3.0)),
+    dict(match=r"logit_scale: expected a finite positive", logit_scale=torch.tensor(float("nan"))),
+    dict(match=r"logit_scale: expected a floating", exc=TypeError, logit_scale=torch.tensor(3)),
+    dict(match=r"bridge_t: expected a number in \(0.0, 1.0\), got 1.0", bridge_t=1.0, bridge_weight=1.0),
+    dict(match=r"bridge_t: expected a number in \(0.0, 1.0\), got 0", bridge_t=0),
+    dict(match=r"uniformity_t: expected a finite positive", uniformity_t=-1.0),
+    dict(match=r"sep_weight: expected a finite weight >= 0", sep_weight=-1.0),
+    dict(match=r"backend: expected one of", backend="fastest"),
+    dict(match=r"separation \(sep_weight > 0\) is on but image_ind_aug, text_ind_aug are missing",
+         image_ind_aug=None, text_ind_aug=None, sep_weight=1.0),
+    dict(match=r"bridge \(bridge_weight > 0\) is on but image_aug is missing",
+         image_aug=None, text_aug=None, bridge_weight=1.0),
+    dict(match=r"text_aug was given without image_aug", image_aug=None),
+])
+def test_bad_lsr_inputs(case):
+    _bad(**case)
+
+
+def test_bad_device_names_argument():
+    v = unit_rows(4, 3)
+    with pytest.raises(ValueError, match=r"text_features: device meta differs from image_features's cpu"):
+        lsr_kernels.clip_loss(v, torch.zeros(4, 3, device="meta"), 1.0, backend="reference")
+    with pytest.raises(ValueError, match=r"logit_scale: device meta differs"):
+        lsr_kernels.clip_loss(v, v, torch.tensor(1.0, device="meta"), backend="reference")
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(alpha=1.5), r"alpha: expected a number in \[0, 1\], got 1.5"),
+    (dict(alpha=-0.1), r"alpha: expected a number in \[0, 1\]"),
+    (dict(image_queue=torch.zeros(10, 5)), r"image_queue: feature width D = 5 does not match image_features's D = 4"),
+    (dict(text_queue=torch.zeros(10)), r"text_queue: expected a 2-D"),
+])
+def test_bad_itc_inputs(kw, match):
+    v, t, vm, tm = (unit_rows(6, 4) for _ in range(4))
+    with pytest.raises(ValueError, match=match):
+        lsr_kernels.itc_loss(v, t, vm, tm, torch.tensor(10.0), backend="reference", **kw)
+
+
+def test_queue_longer_than_batch_with_its_own_length_is_fine():
+    v, t, vm, tm = (unit_rows(6, 4) for _ in range(4))
+    loss = lsr_kernels.itc_loss(v, t, vm, tm, torch.tensor(10.0), image_queue=unit_rows(50, 4),
+                                text_queue=unit_rows(9, 4), backend="reference")
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(world_size=0), r"world_size: expected an int >= 1"),
+    (dict(rank=2, world_size=2), r"rank: expected an int in \[0, world_size = 2\)"),
+    (dict(use_horovod=True), r"use_horovod"),
+])
+def test_bad_module_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        lsr_kernels.ClipLoss(**kw)
+
+
+def test_bad_module_weights():
+    with pytest.raises(ValueError, match=r"gc_weight"):
+        LSRLoss(gc_weight=float("inf"))
+    with pytest.raises(ValueError, match=r"alpha"):
+        ITCLoss(alpha=2)
+
+
+def test_has_cuda_ext_is_a_bool_and_import_never_fails():
+    assert isinstance(lsr_kernels.HAS_CUDA_EXT, bool)
+
