@@ -1,7 +1,10 @@
 """``nn.Module`` front ends: each owns its hyper-parameters and is one functional call thick.
 
 ``ClipLoss`` has open_clip's constructor and ``forward``, so swapping the import is the whole
-migration. ``LSRLoss`` and ``ITCLoss`` take the same distributed arguments.
+migration. ``LSRLoss`` and ``ITCLoss`` take the same distributed arguments. With ``world_size > 1``
+every loss computes this rank's rows against all ranks' columns through :mod:`lsr_kernels.distributed`
+(whose docstring has the semantics of each ``local_loss`` / ``gather_with_grad`` combination);
+``distributed_mode="ring"`` passes feature blocks around the ranks instead of gathering them.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import functional
+from . import distributed, functional
 from . import _validation as V
 
 
@@ -19,7 +22,8 @@ class _DistributedArgs(nn.Module):
     """open_clip's distributed arguments, shared by the three losses."""
 
     def __init__(self, local_loss: bool, gather_with_grad: bool, cache_labels: bool, rank: int,
-                 world_size: int, use_horovod: bool, backend: str):
+                 world_size: int, use_horovod: bool, backend: str, distributed_mode: str = "gather",
+                 process_group=None):
         super().__init__()
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size: expected an int >= 1, got {world_size!r}")
@@ -33,27 +37,39 @@ class _DistributedArgs(nn.Module):
         self.rank = rank
         self.world_size = world_size
         self.backend = backend
+        self.distributed_mode = distributed._check_mode(distributed_mode)
+        #: ``None``: the default group. Not a submodule or buffer: it is process state.
+        self.process_group = process_group
 
-    def _single_process_only(self) -> None:
-        if self.world_size > 1:
-            raise NotImplementedError(
-                f"world_size = {self.world_size}: multi-process losses are not implemented yet "
-                f"(tracked as the distributed issue); run with world_size = 1")
+    def _distributed_kwargs(self) -> dict:
+        return dict(backend=self.backend, group=self.process_group, local_loss=self.local_loss,
+                    gather_with_grad=self.gather_with_grad, world_size=self.world_size, rank=self.rank)
 
 
 class ClipLoss(_DistributedArgs):
-    """Drop-in for ``open_clip.loss.ClipLoss``: ``(CE(s V T^T) + CE(s T V^T)) / 2`` (SPEC 2.1)."""
+    """Drop-in for ``open_clip.loss.ClipLoss``: ``(CE(s V T^T) + CE(s T V^T)) / 2`` (SPEC 2.1).
+
+    With ``world_size > 1`` the loss and every gradient equal open_clip's for the same
+    ``local_loss`` / ``gather_with_grad`` flags, without the ``N x N`` logits open_clip builds when
+    ``local_loss=False``. ``local_loss=True, gather_with_grad=True`` gives DDP exactly the
+    single-process update (SPEC 5).
+    """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
-                 rank: int = 0, world_size: int = 1, use_horovod: bool = False, *, backend: str = "auto"):
-        super().__init__(local_loss, gather_with_grad, cache_labels, rank, world_size, use_horovod, backend)
+                 rank: int = 0, world_size: int = 1, use_horovod: bool = False, *, backend: str = "auto",
+                 distributed_mode: str = "gather", process_group=None):
+        super().__init__(local_loss, gather_with_grad, cache_labels, rank, world_size, use_horovod, backend,
+                         distributed_mode, process_group)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
                 logit_bias: Optional[Tensor] = None, output_dict: bool = False):
         # A scalar bias added to every logit cancels in each softmax: open_clip's loss does not
         # depend on it, and neither does this one.
-        self._single_process_only()
-        loss = functional.clip_loss(image_features, text_features, logit_scale, backend=self.backend)
+        if self.world_size > 1:
+            loss = distributed.clip_loss(image_features, text_features, logit_scale, mode=self.distributed_mode,
+                                         **self._distributed_kwargs())
+        else:
+            loss = functional.clip_loss(image_features, text_features, logit_scale, backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -62,13 +78,27 @@ class LSRLoss(_DistributedArgs):
 
     Weights default to 0 (plain CLIP); the paper uses ``sep_weight=1``, ``bridge_weight=1``,
     ``gc_weight=0.25``.
+
+    Distributed (``world_size > 1``): pass ``local_loss=True, gather_with_grad=True`` for SPEC 5 (the
+    mean over ranks of the returned values is the single-process loss and DDP's averaged gradients
+    are the single-process ones). ``local_loss=False`` returns the global value on every rank;
+    with ``gather_with_grad=False`` as well, the feature gradients are ``1/W`` of that (open_clip's
+    default flags behave so). ``local_loss=True, gather_with_grad=False`` is rejected.
     """
 
     def __init__(self, sep_weight: float = 0.0, bridge_weight: float = 0.0, gc_weight: float = 0.0,
                  bridge_t: float = 0.25, uniformity_t: float = 2.0, backend: str = "auto",
                  local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
-                 rank: int = 0, world_size: int = 1, use_horovod: bool = False):
-        super().__init__(local_loss, gather_with_grad, cache_labels, rank, world_size, use_horovod, backend)
+                 rank: int = 0, world_size: int = 1, use_horovod: bool = False, distributed_mode: str = "gather",
+                 process_group=None):
+        super().__init__(local_loss, gather_with_grad, cache_labels, rank, world_size, use_horovod, backend,
+                         distributed_mode, process_group)
+        if world_size > 1 and local_loss and not gather_with_grad:
+            raise ValueError(
+                "local_loss=True with gather_with_grad=False: in that open_clip combination the gathered "
+                "columns are constants and a feature gets only its own rows' gradient, which is not the "
+                "gradient of the objective (and has no meaning for the uniformity and Gram terms). Use "
+                "gather_with_grad=True (SPEC 5), or ClipLoss for open_clip's exact behaviour")
         self.sep_weight = V.check_weight("sep_weight", sep_weight)
         self.bridge_weight = V.check_weight("bridge_weight", bridge_weight)
         self.gc_weight = V.check_weight("gc_weight", gc_weight)
@@ -80,32 +110,59 @@ class LSRLoss(_DistributedArgs):
                 image_ind: Optional[Tensor] = None, text_ind: Optional[Tensor] = None,
                 image_ind_aug: Optional[Tensor] = None, text_ind_aug: Optional[Tensor] = None,
                 output_dict: bool = False):
-        self._single_process_only()
-        out = functional.lsr_loss(
-            image_features, text_features, logit_scale, image_aug=image_aug, text_aug=text_aug,
-            image_ind=image_ind, text_ind=text_ind, image_ind_aug=image_ind_aug, text_ind_aug=text_ind_aug,
-            sep_weight=self.sep_weight, bridge_weight=self.bridge_weight, gc_weight=self.gc_weight,
-            bridge_t=self.bridge_t, uniformity_t=self.uniformity_t, backend=self.backend)
+        kwargs = dict(image_aug=image_aug, text_aug=text_aug, image_ind=image_ind, text_ind=text_ind,
+                      image_ind_aug=image_ind_aug, text_ind_aug=text_ind_aug, sep_weight=self.sep_weight,
+                      bridge_weight=self.bridge_weight, gc_weight=self.gc_weight, bridge_t=self.bridge_t,
+                      uniformity_t=self.uniformity_t)
+        if self.world_size > 1:
+            out = distributed.lsr_loss(image_features, text_features, logit_scale, mode=self.distributed_mode,
+                                       **kwargs, **self._distributed_kwargs())
+        else:
+            out = functional.lsr_loss(image_features, text_features, logit_scale, backend=self.backend, **kwargs)
         return out if output_dict else out["loss"]
 
 
 class ITCLoss(_DistributedArgs):
-    """ALBEF's image-text contrastive loss with momentum distillation and queues (SPEC 2.6)."""
+    """ALBEF's image-text contrastive loss with momentum distillation and queues (SPEC 2.6).
+
+    Distributed (``world_size > 1``): every rank's momentum features, gathered without gradient, and
+    then the queue form the bank (ALBEF's ``concat_all_gather``); each rank's rows are contrasted
+    against it. The queues must be identical on every rank: fill them with
+    :meth:`dequeue_and_enqueue` (or :meth:`FeatureQueue.enqueue_gathered`). ``local_loss=True``
+    returns this rank's share (ALBEF's behaviour; the mean over ranks is the single-process loss);
+    ``distributed_mode`` has no effect (the bank is always gathered: it carries no gradient and the
+    queue already holds ``K`` rows on every rank).
+    """
 
     def __init__(self, alpha: float = 0.4, backend: str = "auto", local_loss: bool = False,
                  gather_with_grad: bool = False, cache_labels: bool = False, rank: int = 0,
-                 world_size: int = 1, use_horovod: bool = False):
-        super().__init__(local_loss, gather_with_grad, cache_labels, rank, world_size, use_horovod, backend)
+                 world_size: int = 1, use_horovod: bool = False, distributed_mode: str = "gather",
+                 process_group=None):
+        super().__init__(local_loss, gather_with_grad, cache_labels, rank, world_size, use_horovod, backend,
+                         distributed_mode, process_group)
         self.alpha = V.check_unit_interval("alpha", alpha)
 
     def forward(self, image_features: Tensor, text_features: Tensor, image_features_m: Tensor,
                 text_features_m: Tensor, logit_scale: Tensor, *, image_queue: Optional[Tensor] = None,
                 text_queue: Optional[Tensor] = None, output_dict: bool = False):
-        self._single_process_only()
-        loss = functional.itc_loss(image_features, text_features, image_features_m, text_features_m,
-                                   logit_scale, image_queue=image_queue, text_queue=text_queue,
-                                   alpha=self.alpha, backend=self.backend)
+        if self.world_size > 1:
+            loss = distributed.itc_loss(image_features, text_features, image_features_m, text_features_m,
+                                        logit_scale, image_queue=image_queue, text_queue=text_queue,
+                                        alpha=self.alpha, **self._distributed_kwargs())
+        else:
+            loss = functional.itc_loss(image_features, text_features, image_features_m, text_features_m,
+                                       logit_scale, image_queue=image_queue, text_queue=text_queue,
+                                       alpha=self.alpha, backend=self.backend)
         return {"itc_loss": loss} if output_dict else loss
+
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, image_queue: "FeatureQueue", text_queue: "FeatureQueue",
+                            image_features_m: Tensor, text_features_m: Tensor) -> None:
+        """ALBEF's ``_dequeue_and_enqueue``: append every rank's momentum features (in rank order) to
+        both queues, identically on every rank; call it after the loss, as ALBEF does."""
+        group = self.process_group if self.world_size > 1 else False
+        image_queue.enqueue_gathered(image_features_m, group=group)
+        text_queue.enqueue_gathered(text_features_m, group=group)
 
 
 class FeatureQueue(nn.Module):
@@ -145,3 +202,19 @@ class FeatureQueue(nn.Module):
         slots = (self.ptr + (b - kept) + torch.arange(kept, device=self.ptr.device)) % self.size
         self.features.index_copy_(0, slots, rows[b - kept:].to(self.features.dtype))
         self.ptr.copy_((self.ptr + b) % self.size)
+
+    @torch.no_grad()
+    def enqueue_gathered(self, rows: Tensor, group=None) -> None:
+        """Append every rank's ``rows`` (``[B, dim]``, the same B on every rank) in rank order, so the
+        queue stays identical on every rank (ALBEF's ``concat_all_gather`` before enqueueing).
+
+        ``group``: the process group (``None``: the default one); ``False``, or torch.distributed not
+        initialised, or a group of one rank: the same as :meth:`enqueue`. Ranks holding different
+        shapes raise a ``ValueError`` on every rank (one small collective and a host sync)."""
+        if group is False or not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+                or torch.distributed.get_world_size(group) == 1:
+            self.enqueue(rows)
+            return
+        # Shapes are compared across ranks before the gather; a width that is wrong on every rank
+        # fails in enqueue on every rank.
+        self.enqueue(distributed.gather_for_queue(rows, group))
