@@ -141,9 +141,10 @@ def test_low_precision_error_no_worse_than_pytorch(case, dtype):
         pytest.skip("the Triton interpreter has no real bf16 arithmetic: bf16 is a GPU test")
     n, d = (16, 32) if interpreted else (256, 64)
     feats, s = lsr_inputs(n, d, torch.float32, device, scale=20.0)
-    exact_in, exact_s = _cast(feats, s, torch.float64)
+    # Both runs see the same rounded inputs; the exact answer is float64 arithmetic on them.
     low_in, low_s = _cast(feats, s, dtype)
     torch_in, torch_s = _cast(feats, s, dtype)
+    exact_in, exact_s = _cast(low_in, low_s, torch.float64)
     exact = _objective(exact_in, exact_s, "reference", **ALL_ON)
     ours = _objective(low_in, low_s, name, **ALL_ON)
     torch_low = _objective(torch_in, torch_s, "reference", **ALL_ON)

@@ -1,0 +1,527 @@
+"""Softmax cross-entropy over a tiled similarity matrix: the ``info_nce`` and ``itc_soft_ce`` primitives.
+
+What is computed (SPEC.md 2.1, 2.2, 2.6; the contract is in ``lsr_kernels/backends/__init__.py``),
+with ``X = s q k^T`` and ``CE(X) = mean_i (LSE_j X_ij - X_ii)``:
+
+``info_nce(a, b, s, symmetric)``
+    ``q = a, k = b``: ``CE(X)``; symmetric: ``(CE(X) + CE(X^T)) / 2``, the column LSE of the same tiles.
+``itc_soft_ce(q, q_m, bank, s, alpha)``
+    ``k = bank`` (``M >= N`` rows, the first ``N`` are the positives), ``Xm = s q_m bank^T``:
+    ``mean_i [LSE_j X_ij - alpha sum_j softmax(Xm)_ij X_ij - (1 - alpha) X_ii]`` (each target row
+    sums to one). The targets are constants: no gradient for ``q_m`` or ``bank``.
+
+Gradients: ``dL/dX = w G'`` with ``G' = P_row - I (+ P_col - I when symmetric)``, ``w = 1/N (1/(2N))``
+for info_nce, and ``G' = P - alpha Pm - (1 - alpha) I``, ``w = 1/N`` for ITC. Then
+``dq = s w G' k``, ``dk = s w G'^T q`` and ``ds = w sum_ij G'_ij <q_i, k_j>``, reduced in fp32 from
+the same recomputed tiles inside the ``dq`` kernel (no extra pass; the tensor-core product rounds
+``G'`` to the input dtype, this sum does not).
+
+Kernels
+    ``_softmax_ce_fwd_kernel`` makes ONE pass over the tiles and keeps, in base 2, online running
+    (max, sum) statistics per row and, for the symmetric loss, per column (plus the momentum row
+    statistics and the soft-target dot for ITC). Each program owns a (row group x column split)
+    rectangle, so row statistics are partial per split ``[splits, N]`` and column statistics partial
+    per group ``[groups, M]``: O(N) memory for a bounded number of programs; a few torch ops merge them.
+    The positives ``t_ii`` are read from the same tiles, and the loss is summed per row as
+    ``(max - t_ii) + log2(sum)``, so no O(N s) sums cancel and a lone positive gives exactly 0.
+    ``_softmax_ce_bwd_kernel`` recomputes the tiles from the saved log-sum-exps and accumulates
+    ``G' k`` for a block of rows and a slice of D (no atomics). It runs once with ``(q, k) = (a, b)``
+    for ``da`` (and ``ds``) and once with ``(q, k) = (b, a)`` for ``db``: ``P_col`` of ``X`` is the
+    row softmax of ``X^T``, so the same kernel serves both sides.
+
+No N x N (or N x M) buffer is ever allocated; the extra memory is O(N) statistics, plus an fp32
+``[splits, N, D]`` partial gradient only when a batch is too small to fill the GPU without splitting
+the columns (a small batch against a long ITC queue; bounded, see ``_common.plan_backward``).
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import (LN2, LOG2E_C, NEG_BIG, _similarity_tiles, acc_dtype, check_matrix,
+                      check_same, check_scale, kernel_dtypes, launch, merge_partial_lse2,
+                      padded_width, plan_backward, plan_forward, prune_configs)
+
+# ------------------------------------------------------------------------------------ GPU configs
+# sm_90 (H100/H200): 64-128 wide tiles, K slices of 32-128 staged through shared memory by the
+# software pipeline (2-3 stages), 4-8 warps; fp16/bf16 products on tensor cores. The 64 x 64 config
+# is the small-footprint fallback (fp32 products on FMA units, small batches).
+FORWARD_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+]
+# The backward holds an fp32 [BLOCK_M, BLOCK_DO] slice of dq in registers (see _common): 64 x 256 is
+# the no-spill workhorse, 64 x 512 trades a small spill for no tile recompute at D = 512, and the
+# 128-row / 64 x 128 ones serve narrow D and fp32 (FMA) products. _common.prune_configs drops what
+# would spill badly for the dtype.
+BACKWARD_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 256}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_DO": 256}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 512}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_DO": 128}, num_warps=4, num_stages=3),
+]
+
+
+# ------------------------------------------------------------------------------------ forward kernel
+@triton.jit
+def _softmax_ce_fwd_kernel(
+    Q_ptr, QM_ptr, K_ptr, scale_ptr,
+    row_max_ptr, row_sum_ptr,                  # [splits, N] partial row statistics
+    soft_max_ptr, soft_sum_ptr, soft_dot_ptr,  # [splits, N] momentum-row statistics, sum Pm t (HAS_SOFT)
+    col_max_ptr, col_sum_ptr,                  # [groups, M] partial column statistics (HAS_COL)
+    diag_ptr,                                  # [N] t_ii = s log2(e) <q_i, k_i>
+    N, M, D,
+    stride_qn, stride_qd, stride_qmn, stride_qmd, stride_kn, stride_kd,
+    rows_per_group, cols_per_split,
+    D_PADDED: tl.constexpr, HAS_SOFT: tl.constexpr, HAS_COL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program = one (row group, column split) rectangle of ``t = s log2(e) q k^T``.
+
+    Row statistics live in registers across the column tiles; column statistics are read, updated and
+    written back per tile in ``col_*[group]``, which only this program touches.
+    """
+    pid_group = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    scale_log2 = tl.load(scale_ptr).to(ACC_DTYPE) * LOG2E_C
+    row_lo = pid_group * rows_per_group
+    row_hi = tl.minimum(row_lo + rows_per_group, N)
+    col_lo = pid_split * cols_per_split
+    col_hi = tl.minimum(col_lo + cols_per_split, M)
+
+    for m0 in range(row_lo, row_hi, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_mask = rows < row_hi
+        m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
+        l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+        mm_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
+        lm_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+        w_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+        diag = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+        for n0 in range(col_lo, col_hi, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            col_mask = cols < col_hi
+            s, sm = _similarity_tiles(Q_ptr, QM_ptr, K_ptr, rows, cols, row_mask, col_mask, D,
+                                      stride_qn, stride_qd, stride_qmn, stride_qmd, stride_kn, stride_kd,
+                                      HAS_SOFT, BLOCK_M, BLOCK_N, BLOCK_K, ACC_DTYPE, DOT_PRECISION)
+            valid = row_mask[:, None] & col_mask[None, :]
+            t = tl.where(valid, s * scale_log2, NEG_BIG)
+            if (n0 < m0 + BLOCK_M) & (m0 < n0 + BLOCK_N):
+                # the positives t_ii, taken from the very tile values the statistics see, so
+                # LSE_i - t_ii is exactly 0 when the positive is the only term
+                diag += tl.sum(tl.where(rows[:, None] == cols[None, :], t, 0.0), 1)
+            # online log-sum-exp along the row
+            m_new = tl.maximum(m_i, tl.max(t, 1))
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(t - m_new[:, None]), 1)
+            m_i = m_new
+            if HAS_SOFT:
+                # momentum softmax Pm and the running sum of Pm_ij t_ij (rescaled with its max)
+                tm = tl.where(valid, sm * scale_log2, NEG_BIG)
+                mm_new = tl.maximum(mm_i, tl.max(tm, 1))
+                pm = tl.exp2(tm - mm_new[:, None])
+                rescale = tl.exp2(mm_i - mm_new)
+                lm_i = lm_i * rescale + tl.sum(pm, 1)
+                w_i = w_i * rescale + tl.sum(pm * tl.where(valid, t, 0.0), 1)
+                mm_i = mm_new
+            if HAS_COL:
+                # online log-sum-exp down the column, merged into this group's partial; the first
+                # row block of the group starts it fresh (so re-running the kernel is idempotent)
+                col_off = pid_group.to(tl.int64) * M + cols
+                carry = col_mask & (m0 > row_lo)
+                c_max = tl.load(col_max_ptr + col_off, mask=carry, other=float("-inf"))
+                c_sum = tl.load(col_sum_ptr + col_off, mask=carry, other=0.0)
+                c_new = tl.maximum(c_max, tl.max(t, 0))
+                c_sum = c_sum * tl.exp2(c_max - c_new) + tl.sum(tl.exp2(t - c_new[None, :]), 0)
+                tl.store(col_max_ptr + col_off, c_new, mask=col_mask)
+                tl.store(col_sum_ptr + col_off, c_sum, mask=col_mask)
+                # the next row block reloads these columns, possibly from other threads
+                tl.debug_barrier()
+        row_off = pid_split.to(tl.int64) * N + rows
+        tl.store(row_max_ptr + row_off, m_i, mask=row_mask)
+        tl.store(row_sum_ptr + row_off, l_i, mask=row_mask)
+        if HAS_SOFT:
+            tl.store(soft_max_ptr + row_off, mm_i, mask=row_mask)
+            tl.store(soft_sum_ptr + row_off, lm_i, mask=row_mask)
+            tl.store(soft_dot_ptr + row_off, w_i, mask=row_mask)
+        # column i (the positive of row i < N <= M) lies in exactly one split: that program writes it
+        tl.store(diag_ptr + rows, diag, mask=row_mask & (rows >= col_lo) & (rows < col_hi))
+
+
+# ----------------------------------------------------------------------------------- backward kernel
+@triton.jit
+def _softmax_ce_bwd_kernel(
+    Q_ptr, QM_ptr, K_ptr, scale_ptr, coef_ptr,
+    own_lse_ptr,     # [N] base-2 LSE of q's rows (HAS_OWN)
+    other_lse_ptr,   # [M] base-2 LSE indexed by k's rows (HAS_OTHER: the other side's softmax)
+    soft_lse_ptr,    # [N] base-2 LSE of the momentum rows (HAS_SOFT)
+    DQ_ptr,          # [splits, N, D] (or [N, D] with one split): coef * (G' k)
+    ds_rows_ptr,     # [splits, N]: sum_j G'_ij <q_i, k_j> over the split's columns (COMPUTE_DS)
+    N, M, D, alpha,
+    stride_qn, stride_qd, stride_qmn, stride_qmd, stride_kn, stride_kd,
+    stride_dqs, stride_dqn, stride_dqd,
+    cols_per_split,
+    D_PADDED: tl.constexpr, HAS_OWN: tl.constexpr, HAS_OTHER: tl.constexpr, HAS_SOFT: tl.constexpr,
+    COMPUTE_DS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """``G'_ij = [2^(t_ij - own_i)] + [2^(t_ij - other_j)] - [alpha 2^(tm_ij - soft_i)] - c d_ij`` with
+    ``c = [1] + [1] - [alpha]``: each softmax term comes with its one-hot target, and the soft targets
+    take ``alpha`` of it (ITC). One program accumulates ``(G' k)[rows, D slice]`` over the columns of
+    its split."""
+    pid_m = tl.program_id(0)
+    pid_do = tl.program_id(1)
+    pid_split = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_mask = rows < N
+    outs = pid_do * BLOCK_DO + tl.arange(0, BLOCK_DO).to(tl.int64)
+    out_mask = outs < D
+    col_lo = pid_split * cols_per_split
+    col_hi = tl.minimum(col_lo + cols_per_split, M)
+    scale_log2 = tl.load(scale_ptr).to(ACC_DTYPE) * LOG2E_C
+    # computed here, in the same arithmetic as g, so that c - g_ii is exactly 0 when g_ii = c
+    diag_coef = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    if HAS_OWN:
+        diag_coef += 1.0
+    if HAS_OTHER:
+        diag_coef += 1.0
+    if HAS_SOFT:
+        diag_coef -= alpha
+    if HAS_OWN:
+        own = tl.load(own_lse_ptr + rows, mask=row_mask, other=0.0)
+    if HAS_SOFT:
+        soft = tl.load(soft_lse_ptr + rows, mask=row_mask, other=0.0)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DO], dtype=ACC_DTYPE)
+    ds_row = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    for n0 in range(col_lo, col_hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_mask = cols < col_hi
+        s, sm = _similarity_tiles(Q_ptr, QM_ptr, K_ptr, rows, cols, row_mask, col_mask, D,
+                                  stride_qn, stride_qd, stride_qmn, stride_qmd, stride_kn, stride_kd,
+                                  HAS_SOFT, BLOCK_M, BLOCK_N, BLOCK_K, ACC_DTYPE, DOT_PRECISION)
+        t = tl.where(col_mask[None, :], s * scale_log2, NEG_BIG)
+        g = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+        if HAS_OWN:
+            g += tl.exp2(t - own[:, None])
+        if HAS_OTHER:
+            other = tl.load(other_lse_ptr + cols, mask=col_mask, other=0.0)
+            g += tl.exp2(t - other[None, :])
+        if HAS_SOFT:
+            tm = tl.where(col_mask[None, :], sm * scale_log2, NEG_BIG)
+            g -= alpha * tl.exp2(tm - soft[:, None])
+        if COMPUTE_DS:
+            # sum_j G'_ij <q_i, k_j> in fp32 from the unrounded tiles (the dot below rounds G' to the
+            # input dtype), positives included, from the same tile values as the rest of the row
+            ds_row += tl.sum(g * s, 1)
+            if (n0 < pid_m * BLOCK_M + BLOCK_M) & (pid_m * BLOCK_M < n0 + BLOCK_N):
+                ds_row -= diag_coef * tl.sum(tl.where(rows[:, None] == cols[None, :], s, 0.0), 1)
+        k_out = tl.load(K_ptr + cols[:, None] * stride_kn + outs[None, :] * stride_kd,
+                        mask=col_mask[:, None] & out_mask[None, :], other=0.0)
+        # G' enters the tensor cores unscaled (|G'| <= 2): no fp16 underflow of w = 1/N.
+        acc = tl.dot(g.to(k_out.dtype), k_out, acc, input_precision=DOT_PRECISION)
+
+    # the positives: -diag_coef * k_i, added by the split that holds column i
+    pos_mask = row_mask & (rows >= col_lo) & (rows < col_hi)
+    k_pos = tl.load(K_ptr + rows[:, None] * stride_kn + outs[None, :] * stride_kd,
+                    mask=pos_mask[:, None] & out_mask[None, :], other=0.0)
+    acc -= diag_coef[:, None] * k_pos.to(ACC_DTYPE)
+    if COMPUTE_DS:
+        # every D slice saw the same tiles: the first one reports
+        tl.store(ds_rows_ptr + pid_split.to(tl.int64) * N + rows, ds_row, mask=row_mask & (pid_do == 0))
+    coef = tl.load(coef_ptr).to(ACC_DTYPE)
+    dq_ptrs = DQ_ptr + pid_split.to(tl.int64) * stride_dqs + rows[:, None] * stride_dqn + outs[None, :] * stride_dqd
+    tl.store(dq_ptrs, (acc * coef).to(DQ_ptr.dtype.element_ty), mask=row_mask[:, None] & out_mask[None, :])
+
+
+_PRUNE = {"early_config_prune": prune_configs}
+_softmax_ce_fwd_tuned = triton.autotune(FORWARD_CONFIGS, key=["D_PADDED", "HAS_SOFT", "HAS_COL"],
+                                        prune_configs_by=_PRUNE)(_softmax_ce_fwd_kernel)
+_softmax_ce_bwd_tuned = triton.autotune(BACKWARD_CONFIGS,
+                                        key=["D_PADDED", "HAS_OWN", "HAS_OTHER", "HAS_SOFT", "COMPUTE_DS"],
+                                        prune_configs_by=_PRUNE)(_softmax_ce_bwd_kernel)
+
+
+# ------------------------------------------------------------------------------------------ launchers
+def softmax_ce_forward(q: Tensor, k: Tensor, scale: Tensor, *, q_m: Optional[Tensor] = None,
+                       with_col_stats: bool = False, config: Optional[triton.Config] = None) -> Dict[str, Tensor]:
+    """One pass over the tiles of ``t = s log2(e) q k^T`` (base-2 logits). Returns, per row of ``q``:
+    ``row_lse2 = log2 sum_j exp2 t_ij`` and ``row_excess2 = row_lse2 - t_ii`` (computed without
+    cancellation), and with ``q_m``: ``soft_lse2`` (of ``t^m = s log2(e) q_m k^T``) and
+    ``soft_excess2 = sum_j softmax(t^m)_ij t_ij - t_ii``; with ``with_col_stats``: ``col_lse2`` and
+    ``col_excess2`` per column ``j < N`` (positives ``t_jj``)."""
+    n, d = q.shape
+    m = k.shape[0]
+    acc = acc_dtype(q.dtype)
+    plan = plan_forward(n, m, q.device, with_col_stats)
+    splits, groups = plan["splits"], plan["groups"]
+    new = dict(dtype=acc, device=q.device)
+    row_max, row_sum = torch.empty((splits, n), **new), torch.empty((splits, n), **new)
+    has_soft = q_m is not None
+    soft = [torch.empty((splits, n), **new) for _ in range(3)] if has_soft else [row_max] * 3
+    cols = [torch.empty((groups, m), **new) for _ in range(2)] if with_col_stats else [row_max] * 2
+    diag2 = torch.empty((n,), **new)
+    q_m_arg = q_m if has_soft else q
+    args = dict(
+        Q_ptr=q, QM_ptr=q_m_arg, K_ptr=k, scale_ptr=scale,
+        row_max_ptr=row_max, row_sum_ptr=row_sum,
+        soft_max_ptr=soft[0], soft_sum_ptr=soft[1], soft_dot_ptr=soft[2],
+        col_max_ptr=cols[0], col_sum_ptr=cols[1], diag_ptr=diag2,
+        N=n, M=m, D=d,
+        stride_qn=q.stride(0), stride_qd=q.stride(1), stride_qmn=q_m_arg.stride(0),
+        stride_qmd=q_m_arg.stride(1), stride_kn=k.stride(0), stride_kd=k.stride(1),
+        rows_per_group=plan["rows_per_group"], cols_per_split=plan["cols_per_split"],
+        D_PADDED=padded_width(d), HAS_SOFT=has_soft, HAS_COL=with_col_stats, **kernel_dtypes(q.dtype),
+    )
+    launch(_softmax_ce_fwd_kernel, _softmax_ce_fwd_tuned, (groups, splits), args, config)
+    top, log2_sum = merge_partial_lse2(row_max, row_sum)
+    out = {"row_lse2": top + log2_sum, "row_excess2": (top - diag2) + log2_sum}
+    if with_col_stats:
+        top, log2_sum = merge_partial_lse2(cols[0], cols[1])
+        out["col_lse2"] = top + log2_sum
+        out["col_excess2"] = (top[:n] - diag2) + log2_sum[:n]
+    if has_soft:
+        top = soft[0].amax(0)
+        rescale = torch.exp2(soft[0] - top)
+        total = (soft[1] * rescale).sum(0)
+        out["soft_lse2"] = top + torch.log2(total)
+        out["soft_excess2"] = ((soft[2] * rescale).sum(0) - diag2 * total) / total
+    return out
+
+
+def softmax_ce_backward(q: Tensor, k: Tensor, scale: Tensor, coef: Tensor, *,
+                        own_lse2: Optional[Tensor] = None, other_lse2: Optional[Tensor] = None,
+                        q_m: Optional[Tensor] = None, soft_lse2: Optional[Tensor] = None, alpha: float = 0.0,
+                        compute_ds: bool = False, config: Optional[triton.Config] = None
+                        ) -> Tuple[Tensor, Optional[Tensor]]:
+    """``coef * (G' k)`` in ``q``'s dtype and, with ``compute_ds``, ``sum_ij G'_ij <q_i, k_j>`` (a 0-dim
+    device tensor, fp32/fp64). ``G'`` is built from the terms whose statistics are given."""
+    n, d = q.shape
+    m = k.shape[0]
+    acc = acc_dtype(q.dtype)
+    plan = plan_backward(n, m, d, q.device)
+    splits = plan["splits"]
+    if splits == 1:
+        dq = torch.empty((n, d), dtype=q.dtype, device=q.device)
+        dq_strides = (0, dq.stride(0), dq.stride(1))
+    else:
+        dq = torch.empty((splits, n, d), dtype=acc, device=q.device)
+        dq_strides = dq.stride()
+    ds_rows = torch.empty((splits, n), dtype=acc, device=q.device) if compute_ds else coef
+    has_soft = soft_lse2 is not None
+    q_m_arg = q_m if has_soft else q
+    any_stat = own_lse2 if own_lse2 is not None else other_lse2
+    args = dict(
+        Q_ptr=q, QM_ptr=q_m_arg, K_ptr=k, scale_ptr=scale, coef_ptr=coef,
+        own_lse_ptr=own_lse2 if own_lse2 is not None else any_stat,
+        other_lse_ptr=other_lse2 if other_lse2 is not None else any_stat,
+        soft_lse_ptr=soft_lse2 if has_soft else any_stat,
+        DQ_ptr=dq, ds_rows_ptr=ds_rows,
+        N=n, M=m, D=d, alpha=float(alpha),
+        stride_qn=q.stride(0), stride_qd=q.stride(1), stride_qmn=q_m_arg.stride(0),
+        stride_qmd=q_m_arg.stride(1), stride_kn=k.stride(0), stride_kd=k.stride(1),
+        stride_dqs=dq_strides[0], stride_dqn=dq_strides[1], stride_dqd=dq_strides[2],
+        cols_per_split=plan["cols_per_split"],
+        D_PADDED=padded_width(d), HAS_OWN=own_lse2 is not None, HAS_OTHER=other_lse2 is not None,
+        HAS_SOFT=has_soft, COMPUTE_DS=compute_ds, **kernel_dtypes(q.dtype),
+    )
+    launch(_softmax_ce_bwd_kernel, _softmax_ce_bwd_tuned,
+           lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_DO"]), splits), args, config)
+    if splits > 1:
+        dq = dq.sum(0).to(q.dtype)
+    return dq, (ds_rows.sum() if compute_ds else None)
+
+
+# ------------------------------------------------------------------------- info_nce: forward/backward
+def info_nce_forward(a: Tensor, b: Tensor, scale: Tensor, symmetric: bool,
+                     config: Optional[triton.Config] = None) -> Tuple[Tensor, Tensor]:
+    """Loss (0-dim, fp32; fp64 for fp64 inputs) and the saved base-2 LSEs ``[1 or 2, N]`` (rows of
+    ``s a b^T``, then its columns when symmetric)."""
+    n = a.shape[0]
+    stats = softmax_ce_forward(a, b, scale, with_col_stats=symmetric, config=config)
+    loss = stats["row_excess2"].sum() * LN2
+    if not symmetric:
+        return loss / n, stats["row_lse2"][None]
+    loss = (loss + stats["col_excess2"].sum() * LN2) / (2 * n)
+    return loss, torch.stack([stats["row_lse2"], stats["col_lse2"]])
+
+
+def info_nce_backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, lse2: Tensor, symmetric: bool,
+                      needs_a: bool, needs_b: bool, needs_scale: bool,
+                      config: Optional[triton.Config] = None) -> Tuple[Optional[Tensor], ...]:
+    """``(da, db, dscale)``, ``None`` where not needed. Two launches: rows of ``a`` (da, dscale) and
+    rows of ``b`` (db)."""
+    n = a.shape[0]
+    acc = acc_dtype(a.dtype)
+    weight = 1.0 / (2 * n) if symmetric else 1.0 / n
+    g = grad.to(acc).reshape(())
+    coef = g * scale.to(acc) * weight
+    row_lse2 = lse2[0]
+    col_lse2 = lse2[1] if symmetric else None
+    da = db = dscale = None
+    if needs_a or needs_scale:
+        da, ds_sum = softmax_ce_backward(a, b, scale, coef, own_lse2=row_lse2,
+                                         other_lse2=col_lse2, compute_ds=needs_scale, config=config)
+        if needs_scale:
+            dscale = (g * weight * ds_sum).to(scale.dtype)
+    if needs_b:
+        # rows of X^T: the column softmax is b's own; the row softmax of X is indexed by b's columns
+        db, _ = softmax_ce_backward(b, a, scale, coef, own_lse2=col_lse2,
+                                    other_lse2=row_lse2, config=config)
+    return (da if needs_a else None), db, dscale
+
+
+# ---------------------------------------------------------------------- itc_soft_ce: forward/backward
+def itc_forward(q: Tensor, q_m: Tensor, bank: Tensor, scale: Tensor, alpha: float,
+                config: Optional[triton.Config] = None) -> Tuple[Tensor, Tensor]:
+    """Loss and the saved base-2 LSEs ``[2, N]`` (rows of ``s q bank^T``, rows of ``s q_m bank^T``;
+    the second is 0 when ``alpha == 0``: no soft targets, ``q_m`` is not read)."""
+    n = q.shape[0]
+    soft = alpha > 0.0
+    stats = softmax_ce_forward(q, bank, scale, q_m=q_m if soft else None, config=config)
+    # -sum_j Y_ij log P_ij = (LSE_i - X_ii) - alpha (sum_j Pm_ij X_ij - X_ii), in base 2 until here
+    row_loss = stats["row_excess2"]
+    if soft:
+        row_loss = row_loss - alpha * stats["soft_excess2"]
+        saved = torch.stack([stats["row_lse2"], stats["soft_lse2"]])
+    else:
+        saved = torch.stack([stats["row_lse2"], torch.zeros_like(stats["row_lse2"])])
+    return row_loss.sum() * LN2 / n, saved
+
+
+def itc_backward(grad: Tensor, q: Tensor, q_m: Tensor, bank: Tensor, scale: Tensor, lse2: Tensor, alpha: float,
+                 needs_q: bool, needs_scale: bool,
+                 config: Optional[triton.Config] = None) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """``(dq, dscale)``, ``None`` where not needed."""
+    if not (needs_q or needs_scale):
+        return None, None
+    n = q.shape[0]
+    acc = acc_dtype(q.dtype)
+    g = grad.to(acc).reshape(())
+    coef = g * scale.to(acc) / n
+    soft = alpha > 0.0
+    dq, ds_sum = softmax_ce_backward(q, bank, scale, coef, own_lse2=lse2[0],
+                                     q_m=q_m if soft else None, soft_lse2=lse2[1] if soft else None,
+                                     alpha=alpha, compute_ds=needs_scale, config=config)
+    dscale = (g / n * ds_sum).to(scale.dtype) if needs_scale else None
+    return (dq if needs_q else None), dscale
+
+
+# ------------------------------------------------------------------------------ custom ops + autograd
+# torch.library custom ops make both primitives opaque to torch.compile (no graph break): the fake
+# impls give shapes only; the forward op also returns the saved statistics so the backward op never
+# recomputes them. The backward ops return empty tensors for gradients nobody asked for.
+
+@torch.library.custom_op("lsr_kernels::triton_info_nce", mutates_args=())
+def _info_nce_op(a: Tensor, b: Tensor, scale: Tensor, symmetric: bool) -> Tuple[Tensor, Tensor]:
+    return info_nce_forward(a, b, scale, symmetric)
+
+
+@_info_nce_op.register_fake
+def _info_nce_fake(a, b, scale, symmetric):
+    acc = acc_dtype(a.dtype)
+    return a.new_empty((), dtype=acc), a.new_empty((2 if symmetric else 1, a.shape[0]), dtype=acc)
+
+
+@torch.library.custom_op("lsr_kernels::triton_info_nce_backward", mutates_args=())
+def _info_nce_backward_op(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, lse2: Tensor, symmetric: bool,
+                          needs_a: bool, needs_b: bool, needs_scale: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    da, db, dscale = info_nce_backward(grad, a, b, scale, lse2, symmetric, needs_a, needs_b, needs_scale)
+    return (da if da is not None else a.new_empty(0), db if db is not None else b.new_empty(0),
+            dscale if dscale is not None else scale.new_empty(0))
+
+
+@_info_nce_backward_op.register_fake
+def _info_nce_backward_fake(grad, a, b, scale, lse2, symmetric, needs_a, needs_b, needs_scale):
+    return (a.new_empty(a.shape) if needs_a else a.new_empty(0), b.new_empty(b.shape) if needs_b else b.new_empty(0),
+            scale.new_empty(()) if needs_scale else scale.new_empty(0))
+
+
+def _info_nce_setup(ctx, inputs, output):
+    a, b, scale, symmetric = inputs
+    ctx.save_for_backward(a, b, scale, output[1])
+    ctx.symmetric = symmetric
+
+
+def _info_nce_grad(ctx, grad_loss, _grad_lse2):
+    a, b, scale, lse2 = ctx.saved_tensors
+    needs_a, needs_b, needs_scale = ctx.needs_input_grad[:3]
+    da, db, dscale = _info_nce_backward_op(grad_loss, a, b, scale, lse2, ctx.symmetric, needs_a, needs_b, needs_scale)
+    return (da if needs_a else None), (db if needs_b else None), (dscale if needs_scale else None), None
+
+
+_info_nce_op.register_autograd(_info_nce_grad, setup_context=_info_nce_setup)
+
+
+@torch.library.custom_op("lsr_kernels::triton_itc_soft_ce", mutates_args=())
+def _itc_op(q: Tensor, q_m: Tensor, bank: Tensor, scale: Tensor, alpha: float) -> Tuple[Tensor, Tensor]:
+    return itc_forward(q, q_m, bank, scale, alpha)
+
+
+@_itc_op.register_fake
+def _itc_fake(q, q_m, bank, scale, alpha):
+    acc = acc_dtype(q.dtype)
+    return q.new_empty((), dtype=acc), q.new_empty((2, q.shape[0]), dtype=acc)
+
+
+@torch.library.custom_op("lsr_kernels::triton_itc_soft_ce_backward", mutates_args=())
+def _itc_backward_op(grad: Tensor, q: Tensor, q_m: Tensor, bank: Tensor, scale: Tensor, lse2: Tensor,
+                     alpha: float, needs_q: bool, needs_scale: bool) -> Tuple[Tensor, Tensor]:
+    dq, dscale = itc_backward(grad, q, q_m, bank, scale, lse2, alpha, needs_q, needs_scale)
+    return (dq if dq is not None else q.new_empty(0)), (dscale if dscale is not None else scale.new_empty(0))
+
+
+@_itc_backward_op.register_fake
+def _itc_backward_fake(grad, q, q_m, bank, scale, lse2, alpha, needs_q, needs_scale):
+    return (q.new_empty(q.shape) if needs_q else q.new_empty(0)), (scale.new_empty(()) if needs_scale else scale.new_empty(0))
+
+
+def _itc_setup(ctx, inputs, output):
+    q, q_m, bank, scale, alpha = inputs
+    ctx.save_for_backward(q, q_m, bank, scale, output[1])
+    ctx.alpha = alpha
+
+
+def _itc_grad(ctx, grad_loss, _grad_lse2):
+    q, q_m, bank, scale, lse2 = ctx.saved_tensors
+    needs_q, needs_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+    dq, dscale = _itc_backward_op(grad_loss, q, q_m, bank, scale, lse2, ctx.alpha, needs_q, needs_scale)
+    # the soft targets are constants (ALBEF computes them under no_grad): no gradient for q_m, bank
+    return (dq if needs_q else None), None, None, (dscale if needs_scale else None), None
+
+
+_itc_op.register_autograd(_itc_grad, setup_context=_itc_setup)
+
+
+# -------------------------------------------------------------------------------------- primitives
+def info_nce(a: Tensor, b: Tensor, scale: Tensor, symmetric: bool) -> Tensor:
+    """``CE(s a b^T)``, or ``(CE(s a b^T) + CE(s b a^T)) / 2`` when ``symmetric`` (both from one pass)."""
+    check_matrix("a", a)
+    check_matrix("b", b)
+    check_same("b", b, "a", a, same_rows=True)
+    scale = check_scale(scale, a)
+    return _info_nce_op(a, b, scale, bool(symmetric))[0]
+
+
+def itc_soft_ce(q: Tensor, q_m: Tensor, bank: Tensor, scale: Tensor, alpha: float) -> Tensor:
+    """``-(1/N) sum_ij Y_ij log softmax(s q bank^T)_ij``, ``Y = alpha softmax(s q_m bank^T) + (1 - alpha) I``."""
+    check_matrix("q", q)
+    check_matrix("q_m", q_m)
+    check_matrix("bank", bank)
+    check_same("q_m", q_m, "q", q, same_rows=True)
+    check_same("bank", bank, "q", q, same_rows=False)
+    if bank.shape[0] < q.shape[0]:
+        raise ValueError(f"bank: expected at least N = {q.shape[0]} rows (its first N rows are the positives), "
+                         f"got shape {tuple(bank.shape)}")
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha: expected a number in [0, 1], got {alpha!r}")
+    scale = check_scale(scale, q)
+    return _itc_op(q, q_m, bank, scale, alpha)[0]

@@ -1,0 +1,550 @@
+"""The Triton backend's own tests (the shared parity suite is tests/test_parity.py).
+
+CPU: the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set by conftest), on tiny
+shapes: each primitive against the reference (loss and every gradient, the scale's included) on
+awkward shapes, float64 gradchecks of every hand-written backward, fp16 against PyTorch's own fp16
+error, non-contiguous inputs, the split/group paths, error messages, torch.compile tracing.
+GPU (marker ``gpu``): bf16/fp16 at real sizes, N = 8192, D = 1024, every autotune config, a compiled
+training step, and peak memory growing linearly in N.
+
+Low precision follows flash-attention's rule: with ``exact`` the float64 reference evaluated on the
+very same (rounded) inputs, ``err(ours, exact) <= FACTOR * err(pytorch_in_that_dtype, exact) + FLOOR``;
+the floor is fp32 round-off, for terms PyTorch itself computes in fp32.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import grads, rel_err, unit_rows
+from lsr_kernels import reference as R
+
+pytest.importorskip("triton")
+from lsr_kernels.backends import triton as T  # noqa: E402
+from lsr_kernels.backends.triton import _common, exp_gram, softmax_ce  # noqa: E402
+
+LOW_PRECISION_FACTOR = 2.0
+FP32_FLOOR = 1e-6
+FP32_LOSS_TOL = 2e-6
+FP32_GRAD_TOL = 2e-5
+
+
+@pytest.fixture
+def cpu():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 (set by conftest unless LSR_TEST_GPU=1)")
+    return torch.device("cpu")
+
+
+def _scale(value=10.0, dtype=torch.float32, device="cpu", requires_grad=True):
+    return torch.tensor(value, dtype=dtype, device=device, requires_grad=requires_grad)
+
+
+def _leaves(*tensors, dtype=None):
+    """Detached copies that require grad (in ``dtype`` if given)."""
+    return [t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
+
+
+def _compare(ours_fn, ref_fn, inputs, wrt, loss_tol=FP32_LOSS_TOL, grad_tol=FP32_GRAD_TOL):
+    """Loss and the gradients of ``inputs[i] for i in wrt`` of ours vs the reference."""
+    ours_in, ref_in = _leaves(*inputs), _leaves(*inputs)
+    ours, ref = ours_fn(*ours_in), ref_fn(*ref_in)
+    assert ours.dim() == 0 and ours.dtype == (torch.float64 if inputs[0].dtype == torch.float64 else torch.float32)
+    assert rel_err(ours, ref) <= loss_tol, (ours.item(), ref.item())
+    for i, g, h in zip(wrt, grads(ours, [ours_in[i] for i in wrt]), grads(ref, [ref_in[i] for i in wrt])):
+        assert g.dtype == inputs[i].dtype and g.shape == inputs[i].shape
+        assert rel_err(g, h) <= grad_tol, f"gradient of input {i}: {rel_err(g, h)}"
+
+
+def _low_precision_check(ours_fn, ref_fn, inputs, wrt, dtype):
+    """flash-attention's rule; ``inputs`` are rounded to ``dtype`` first and ``exact`` sees the rounded
+    values, so the comparison measures arithmetic, not input quantisation."""
+    rounded = [t.detach().to(dtype) if t.dim() == 2 else t.detach() for t in inputs]
+    exact_in = _leaves(*[t.double() for t in rounded])
+    ours_in, torch_in = _leaves(*rounded), _leaves(*rounded)
+    exact, ours, pt = ref_fn(*exact_in), ours_fn(*ours_in), ref_fn(*torch_in)
+    assert ours.dtype == torch.float32
+    assert rel_err(ours, exact) <= LOW_PRECISION_FACTOR * rel_err(pt, exact) + FP32_FLOOR
+    pick = lambda xs: [xs[i] for i in wrt]  # noqa: E731
+    for i, go, gt, ge in zip(wrt, grads(ours, pick(ours_in)), grads(pt, pick(torch_in)), grads(exact, pick(exact_in))):
+        assert go.dtype == rounded[i].dtype, i
+        bound = LOW_PRECISION_FACTOR * rel_err(gt, ge) + FP32_FLOOR
+        assert rel_err(go, ge) <= bound, f"gradient of input {i}: ours {rel_err(go, ge):.3g}, bound {bound:.3g}"
+
+
+# =============================================================================== CPU / interpreter
+# ------------------------------------------------------------------------------------- info_nce
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "one-way"])
+@pytest.mark.parametrize("n,d", [(1, 1), (17, 33), (40, 16), (6, 1)])
+def test_info_nce_matches_reference(cpu, n, d, symmetric):
+    a, b = unit_rows(n, d), unit_rows(n, d)
+    _compare(lambda a, b, s: T.info_nce(a, b, s, symmetric), lambda a, b, s: R.info_nce(a, b, s, symmetric),
+             [a, b, _scale(14.3)], wrt=[0, 1, 2])
+
+
+def test_info_nce_symmetric_is_symmetric_in_its_inputs(cpu):
+    a, b, s = *_leaves(unit_rows(17, 20), unit_rows(17, 20)), _scale()
+    ab, ba = T.info_nce(a, b, s, True), T.info_nce(b, a, s, True)
+    assert rel_err(ab, ba) < 1e-6
+    g_ab, g_ba = grads(ab, [a, b, s]), grads(ba, [a, b, s])
+    for g, h in zip(g_ab, g_ba):
+        assert rel_err(g, h) < 1e-5
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, True), (False, False, True)],
+                         ids=["a-only", "b-and-scale", "scale-only"])
+def test_info_nce_partial_requires_grad(cpu, needs):
+    """Only the launches a gradient needs run; the others come back as None."""
+    a, b, s = unit_rows(17, 9, requires_grad=needs[0]), unit_rows(17, 9, requires_grad=needs[1]), \
+        _scale(requires_grad=needs[2])
+    wanted = [t for t, need in zip((a, b, s), needs) if need]
+    ours = torch.autograd.grad(T.info_nce(a, b, s, True), wanted)
+    ref = torch.autograd.grad(R.info_nce(a, b, s, True), wanted)
+    for g, h in zip(ours, ref):
+        assert rel_err(g, h) <= FP32_GRAD_TOL
+
+
+def test_info_nce_large_scale_is_stable(cpu):
+    """s = 1000 (ALBEF's temperature floor): logits span +-1443 in base 2, far beyond exp's range."""
+    a, b = unit_rows(17, 8), unit_rows(17, 8)
+    _compare(lambda a, b, s: T.info_nce(a, b, s, True), lambda a, b, s: R.info_nce(a, b, s, True),
+             [a, b, _scale(1000.0)], wrt=[0, 1, 2], loss_tol=1e-5, grad_tol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ itc_soft_ce
+@pytest.mark.parametrize("n,k,d,alpha", [(1, 0, 4, 0.4), (17, 40, 33, 0.4), (5, 0, 1, 0.0), (16, 3, 20, 1.0)],
+                         ids=["N=1", "queue-longer-than-batch", "D=1-alpha=0", "alpha=1"])
+def test_itc_matches_reference(cpu, n, k, d, alpha):
+    q, q_m, bank = unit_rows(n, d), unit_rows(n, d), unit_rows(n + k, d)
+    _compare(lambda q, q_m, bank, s: T.itc_soft_ce(q, q_m, bank, s, alpha),
+             lambda q, q_m, bank, s: R.itc_soft_ce(q, q_m, bank, s, alpha),
+             [q, q_m, bank, _scale(1 / 0.07)], wrt=[0, 3])
+
+
+def test_itc_gives_no_gradient_to_targets(cpu):
+    q, q_m, bank, s = *_leaves(unit_rows(9, 8), unit_rows(9, 8), unit_rows(20, 8)), _scale()
+    g_qm, g_bank = torch.autograd.grad(T.itc_soft_ce(q, q_m, bank, s, 0.4), [q_m, bank], allow_unused=True)
+    assert g_qm is None and g_bank is None
+
+
+# ---------------------------------------------------------------------------------- exp_gram_sum
+@pytest.mark.parametrize("n,d,t", [(1, 1, 2.0), (17, 33, 2.0), (40, 5, 0.5), (16, 16, 2.0)])
+def test_exp_gram_sum_matches_reference(cpu, n, d, t):
+    _compare(lambda x: T.exp_gram_sum(x, t), lambda x: R.exp_gram_sum(x, t), [unit_rows(n, d)], wrt=[0])
+
+
+def test_exp_gram_sum_non_unit_rows(cpu):
+    """The primitive is exact for any rows, not only unit ones."""
+    x = torch.randn(17, 6) * 0.5
+    _compare(lambda x: T.exp_gram_sum(x, 1.0), lambda x: R.exp_gram_sum(x, 1.0), [x], wrt=[0])
+
+
+# ------------------------------------------------------------------------------- float64 gradcheck
+# Tiny shapes: gradcheck evaluates the forward twice per input element.
+def test_gradcheck_info_nce(cpu):
+    a, b = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    s = _scale(3.0, torch.float64)
+    for symmetric in (True, False):
+        assert torch.autograd.gradcheck(lambda a, b, s: T.info_nce(a, b, s, symmetric), _leaves(a, b) + [s])
+
+
+def test_gradcheck_itc(cpu):
+    q, q_m, bank = (torch.randn(4, 3, dtype=torch.float64) for _ in range(3))
+    bank = torch.cat([bank, torch.randn(3, 3, dtype=torch.float64)])
+    # the soft targets depend on s but are constants by contract (ALBEF's no_grad): with alpha > 0
+    # gradcheck differentiates q only; with alpha = 0 there are no targets and s is checked too
+    assert torch.autograd.gradcheck(lambda q: T.itc_soft_ce(q, q_m, bank, _scale(2.0, torch.float64, requires_grad=False), 0.4),
+                                    _leaves(q))
+    assert torch.autograd.gradcheck(lambda q, s: T.itc_soft_ce(q, q_m, bank, s, 0.0),
+                                    _leaves(q) + [_scale(2.0, torch.float64)])
+
+
+def test_gradcheck_exp_gram_sum(cpu):
+    assert torch.autograd.gradcheck(lambda x: T.exp_gram_sum(x, 0.7), _leaves(torch.randn(6, 3, dtype=torch.float64)))
+
+
+# ---------------------------------------------------------------------------------------- fp16
+def test_fp16_no_worse_than_pytorch(cpu):
+    n, d = 17, 33
+    a, b, q_m, bank = unit_rows(n, d), unit_rows(n, d), unit_rows(n, d), unit_rows(n + 20, d)
+    s = _scale(20.0)
+    for symmetric in (True, False):
+        _low_precision_check(lambda a, b, s: T.info_nce(a, b, s, symmetric),
+                             lambda a, b, s: R.info_nce(a, b, s, symmetric), [a, b, s], [0, 1, 2], torch.float16)
+    _low_precision_check(lambda q, q_m, bank, s: T.itc_soft_ce(q, q_m, bank, s, 0.4),
+                         lambda q, q_m, bank, s: R.itc_soft_ce(q, q_m, bank, s, 0.4), [a, q_m, bank, s], [0, 3],
+                         torch.float16)
+    _low_precision_check(lambda x: T.exp_gram_sum(x, 2.0), lambda x: R.exp_gram_sum(x, 2.0), [a], [0], torch.float16)
+
+
+# ------------------------------------------------------------------------------- layouts and plans
+def test_non_contiguous_inputs(cpu):
+    a_wide, b_t = unit_rows(17, 66, requires_grad=False), unit_rows(33, 17, requires_grad=False)
+    a, b = a_wide[:, ::2], b_t.T  # strides (66, 2) and (1, 17)
+    assert not a.is_contiguous() and not b.is_contiguous()
+    s = _scale()
+    for fn in (lambda a, b: T.info_nce(a, b, s, True), lambda a, b: T.itc_soft_ce(a, a, b, s, 0.4),
+               lambda a, b: T.exp_gram_sum(b, 2.0)):
+        strided, packed = _leaves(a, b), _leaves(a.contiguous(), b.contiguous())
+        ours, ref = fn(*strided), fn(*packed)
+        assert rel_err(ours, ref) < 1e-6
+        for g, h in zip(grads(ours, strided), grads(ref, packed)):
+            assert rel_err(g, h) < 1e-5
+
+
+def test_split_and_group_paths_agree(cpu, monkeypatch):
+    """Several (row group x column split) programs and column-split backwards (fp32 partials summed)
+    give the same numbers as one program per row block."""
+    plan = _common.plan_forward(40, 40, torch.device("cpu"), with_col_stats=True)
+    assert plan["groups"] > 1 and plan["splits"] > 1
+    assert _common.plan_backward(40, 40, 20, torch.device("cpu"))["splits"] > 1
+    a, b, q_m, bank = unit_rows(40, 20), unit_rows(40, 20), unit_rows(40, 20), unit_rows(70, 20)
+    s = _scale()
+
+    def run():
+        ins = _leaves(a, b, bank) + [s.detach().clone().requires_grad_()]
+        loss = T.info_nce(ins[0], ins[1], ins[3], True) + T.itc_soft_ce(ins[0], q_m, ins[2], ins[3], 0.4) \
+            + T.exp_gram_sum(ins[1], 2.0)
+        return [loss, *grads(loss, [ins[0], ins[1], ins[3]])]
+
+    many = run()
+    monkeypatch.setattr(_common, "INTERPRETER_TARGET_PROGRAMS", 1)
+    assert _common.plan_forward(40, 40, torch.device("cpu"), with_col_stats=True)["splits"] == 1
+    one = run()
+    for x, y in zip(many, one):
+        assert rel_err(x, y) < 1e-6
+
+
+def test_no_quadratic_buffers(cpu, monkeypatch):
+    """Every buffer the launchers allocate is O((N + M) D) (with D = 8 << N here, an N x N or N x M
+    buffer would show up as the largest)."""
+    sizes = []
+
+    def recording(factory):
+        def wrapped(*args, **kwargs):
+            out = factory(*args, **kwargs)
+            sizes.append(out.numel())
+            return out
+        return wrapped
+
+    monkeypatch.setattr(torch, "empty", recording(torch.empty))
+    monkeypatch.setattr(torch, "zeros", recording(torch.zeros))
+    n, m, d = 40, 70, 8
+    a, b, s = *_leaves(unit_rows(n, d), unit_rows(n, d)), _scale()
+    loss = T.info_nce(a, b, s, True) + T.itc_soft_ce(a, b.detach(), unit_rows(m, d, requires_grad=False), s, 0.4) \
+        + T.exp_gram_sum(b, 2.0)
+    loss.backward()
+    assert sizes and max(sizes) <= (n + m) * d < n * n
+
+
+def test_autotune_pruning_clamps_and_drops():
+    cfgs = softmax_ce.BACKWARD_CONFIGS
+    narrow = _common.prune_configs(cfgs, {}, D_PADDED=16, DOT_PRECISION="tf32")
+    assert narrow and all(c.kwargs["BLOCK_K"] == 16 and c.kwargs["BLOCK_DO"] == 16 for c in narrow)
+    wide = _common.prune_configs(cfgs, {}, D_PADDED=1024, DOT_PRECISION="tf32")
+    assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_DO"] <= _common.MAX_ACC_ELEMENTS for c in wide)
+    fma = _common.prune_configs(cfgs + softmax_ce.FORWARD_CONFIGS, {}, D_PADDED=1024, DOT_PRECISION="ieee")
+    assert fma and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= _common.MAX_FMA_TILE for c in fma)
+    assert all(c.kwargs["BLOCK_M"] * c.kwargs.get("BLOCK_DO", 0) <= _common.MAX_ACC_ELEMENTS_FMA for c in fma)
+    assert len(_common.prune_configs(cfgs[:1], {}, D_PADDED=1024, DOT_PRECISION="ieee")) == 1  # never empty
+    assert len(_common.prune_configs(softmax_ce.FORWARD_CONFIGS, {}, D_PADDED=1024)) == len(softmax_ce.FORWARD_CONFIGS)
+
+
+# -------------------------------------------------------------------------------------- errors
+def test_cpu_tensors_rejected_outside_the_interpreter(cpu, monkeypatch):
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    x = unit_rows(4, 3)
+    with pytest.raises(ValueError, match=r"a: the triton backend needs CUDA tensors.*TRITON_INTERPRET"):
+        T.info_nce(x, x, _scale(), True)
+    with pytest.raises(ValueError, match=r"x: the triton backend needs CUDA"):
+        T.exp_gram_sum(x, 2.0)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: T.info_nce(unit_rows(4, 3), unit_rows(5, 3), _scale(), True), r"b: shape \(5, 3\).*a's \(4, 3\)"),
+    (lambda: T.info_nce(unit_rows(4, 3), unit_rows(4, 2), _scale(), True), r"b: shape \(4, 2\)"),
+    (lambda: T.info_nce(unit_rows(4, 3), unit_rows(4, 3), torch.ones(2), True), r"scale: expected a one-element"),
+    (lambda: T.itc_soft_ce(unit_rows(4, 3), unit_rows(4, 3), unit_rows(3, 3), _scale(), 0.4), r"bank: expected at least N = 4"),
+    (lambda: T.itc_soft_ce(unit_rows(4, 3), unit_rows(4, 3), unit_rows(4, 3), _scale(), 1.5), r"alpha"),
+    (lambda: T.exp_gram_sum(unit_rows(4, 3), 0.0), r"t: expected a finite positive"),
+    (lambda: T.exp_gram_sum(torch.zeros(0, 3), 1.0), r"x: expected a non-empty 2-D"),
+    (lambda: T.exp_gram_sum(torch.zeros(4), 1.0), r"x: expected a non-empty 2-D"),
+])
+def test_bad_input_errors_name_the_argument(cpu, call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_integer_input_is_a_type_error(cpu):
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
+        T.exp_gram_sum(torch.ones(4, 3, dtype=torch.int32), 1.0)
+
+
+# ------------------------------------------------------------------------------------ torch.compile
+def _training_objective(a, b, q_m, bank, s):
+    return (T.info_nce(a, b, s, True) + 0.5 * T.info_nce(a, b, s, False)
+            + T.itc_soft_ce(a, q_m, bank, s, 0.4) + torch.log(T.exp_gram_sum(b, 2.0)))
+
+
+def test_torch_compile_traces_the_custom_ops(cpu):
+    """fullgraph=True: the custom ops (fake impls) and their registered backward trace without a break."""
+    torch._dynamo.reset()
+    inputs = [unit_rows(17, 8), unit_rows(17, 8), unit_rows(17, 8, requires_grad=False),
+              unit_rows(30, 8, requires_grad=False), _scale()]
+    eager_in, compiled_in = _leaves(*inputs), _leaves(*inputs)
+    compiled = torch.compile(_training_objective, backend="aot_eager", fullgraph=True)
+    loss_c, loss_e = compiled(*compiled_in), _training_objective(*eager_in)
+    assert rel_err(loss_c, loss_e) < 1e-6
+    for g, h in zip(grads(loss_c, compiled_in), grads(loss_e, eager_in)):
+        assert rel_err(g, h) < 1e-6
+
+
+def test_fake_impls_give_shapes_only():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        a, bank = torch.empty(7, 5, dtype=torch.float16), torch.empty(9, 5, dtype=torch.float16)
+        s = torch.empty(())
+        loss, lse = torch.ops.lsr_kernels.triton_info_nce(a, a, s, True)
+        assert loss.shape == () and loss.dtype == torch.float32 and lse.shape == (2, 7)
+        loss, lse = torch.ops.lsr_kernels.triton_itc_soft_ce(a, a, bank, s, 0.4)
+        assert loss.shape == () and lse.shape == (2, 7)
+        loss, sq = torch.ops.lsr_kernels.triton_exp_gram_sum(a, 2.0)
+        assert loss.shape == () and sq.shape == (7,)
+
+
+# ----------------------------------------------------------------------------- sm_90 build (no GPU)
+_SM90_BUILD = r"""
+import os, subprocess, sys, tempfile
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lsr_kernels.backends.triton import exp_gram, softmax_ce
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+def build(fn, signature, constexprs, cfg):
+    constexprs = {**constexprs, **cfg.kwargs}
+    # what the runtime specialiser sees for contiguous inputs: unit inner strides are constants,
+    # pointers, row strides and sizes are multiples of 16
+    for name in signature:
+        if name.startswith("stride_") and name.endswith("d"):
+            constexprs[name] = 1
+    sig = {k: ("constexpr" if k in constexprs else v) for k, v in signature.items()}
+    sig.update({k: "constexpr" for k in constexprs})
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
+             if v != "constexpr" and (v.startswith("*") or k.startswith("stride_") or k in ("N", "M", "D"))}
+    src = ASTSource(fn=fn, signature=sig, attrs=attrs,
+                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    usage = ""
+    if os.path.exists(CUOBJDUMP):
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(kernel.asm["cubin"])
+        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        usage = " ".join(w for w in out.split() if w.startswith(("REG:", "STACK:")))
+    print(f"BUILT {fn.__name__} {usage}", flush=True)
+
+P = lambda names, ty: {n: ty for n in names}
+lowp = dict(ACC_DTYPE=tl.float32, DOT_PRECISION="tf32", D_PADDED=512)
+ce_common = {**P(["Q_ptr", "QM_ptr", "K_ptr"], "*bf16"), "scale_ptr": "*fp32"}
+strides = P(["stride_qn", "stride_qd", "stride_qmn", "stride_qmd", "stride_kn", "stride_kd"], "i32")
+build(softmax_ce._softmax_ce_fwd_kernel,
+      {**ce_common, **P(["row_max_ptr", "row_sum_ptr", "soft_max_ptr", "soft_sum_ptr", "soft_dot_ptr",
+                         "col_max_ptr", "col_sum_ptr", "diag_ptr"], "*fp32"),
+       **P(["N", "M", "D"], "i32"), **strides, **P(["rows_per_group", "cols_per_split"], "i32")},
+      dict(HAS_SOFT=False, HAS_COL=True, **lowp), softmax_ce.FORWARD_CONFIGS[0])
+build(softmax_ce._softmax_ce_bwd_kernel,
+      {**ce_common, **P(["coef_ptr", "own_lse_ptr", "other_lse_ptr", "soft_lse_ptr"], "*fp32"), "DQ_ptr": "*bf16",
+       "ds_rows_ptr": "*fp32", **P(["N", "M", "D"], "i32"), "alpha": "fp32", **strides,
+       **P(["stride_dqs", "stride_dqn", "stride_dqd", "cols_per_split"], "i32")},
+      dict(HAS_OWN=True, HAS_OTHER=True, HAS_SOFT=False, COMPUTE_DS=True, **lowp),
+      softmax_ce.BACKWARD_CONFIGS[0])
+build(exp_gram._exp_gram_fwd_kernel,
+      {"X_ptr": "*bf16", **P(["sq_ptr", "row_part_ptr"], "*fp32"), **P(["N", "D", "stride_xn", "stride_xd"], "i32"),
+       "neg_t_log2e": "fp32"}, lowp, exp_gram.FORWARD_CONFIGS[0])
+build(exp_gram._exp_gram_bwd_kernel,
+      {"X_ptr": "*bf16", **P(["sq_ptr", "coef_ptr"], "*fp32"), "DX_ptr": "*bf16",
+       **P(["N", "D", "stride_xn", "stride_xd", "stride_dxs", "stride_dxn", "stride_dxd", "cols_per_split"], "i32"),
+       "neg_t_log2e": "fp32"}, dict(SPLIT_PRODUCT=True, **lowp), exp_gram.BACKWARD_CONFIGS[0])
+"""
+
+
+@pytest.mark.slow
+def test_kernels_build_for_sm90_without_a_gpu():
+    """The interpreter accepts things the GPU compiler does not: build the bf16 kernels for sm_90 with
+    Triton's bundled ptxas (no device needed). The two info_nce kernels of the CLIP hot path must not
+    spill registers."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", _SM90_BUILD], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("BUILT")]
+    assert len(lines) == 4, done.stdout
+    for line in lines[:2]:
+        assert "STACK:" not in line or "STACK:0" in line, f"register spills in the CLIP hot path: {line}"
+
+
+# ========================================================================================= GPU
+def _bf16_fp16():
+    return pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+
+
+@pytest.mark.gpu
+@_bf16_fp16()
+@pytest.mark.parametrize("n,d", [(1000, 200), (4097, 512), (1000, 1024)])
+def test_gpu_low_precision_no_worse_than_pytorch(cuda_device, dtype, n, d):
+    dev = cuda_device
+    a, b, q_m = (unit_rows(n, d, device=dev, requires_grad=False) for _ in range(3))
+    bank = unit_rows(n + 3 * n // 2, d, device=dev, requires_grad=False)
+    s = _scale(30.0, device=dev)
+    for symmetric in (True, False):
+        _low_precision_check(lambda a, b, s: T.info_nce(a, b, s, symmetric),
+                             lambda a, b, s: R.info_nce(a, b, s, symmetric), [a, b, s], [0, 1, 2], dtype)
+    _low_precision_check(lambda q, q_m, bank, s: T.itc_soft_ce(q, q_m, bank, s, 0.4),
+                         lambda q, q_m, bank, s: R.itc_soft_ce(q, q_m, bank, s, 0.4), [a, q_m, bank, s], [0, 3], dtype)
+    _low_precision_check(lambda x: T.exp_gram_sum(x, 2.0), lambda x: R.exp_gram_sum(x, 2.0), [a], [0], dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,d", [(1, 1), (17, 33), (131, 65), (1000, 512)])
+def test_gpu_fp32_matches_reference(cuda_device, n, d):
+    dev = cuda_device
+    a, b, q_m = (unit_rows(n, d, device=dev) for _ in range(3))
+    bank = unit_rows(2 * n + 5, d, device=dev)
+    s = _scale(14.3, device=dev)
+    for symmetric in (True, False):
+        _compare(lambda a, b, s: T.info_nce(a, b, s, symmetric), lambda a, b, s: R.info_nce(a, b, s, symmetric),
+                 [a, b, s], wrt=[0, 1, 2], loss_tol=1e-5, grad_tol=1e-4)
+    _compare(lambda q, q_m, bank, s: T.itc_soft_ce(q, q_m, bank, s, 0.4),
+             lambda q, q_m, bank, s: R.itc_soft_ce(q, q_m, bank, s, 0.4), [a, q_m, bank, s], wrt=[0, 3],
+             loss_tol=1e-5, grad_tol=1e-4)
+    _compare(lambda x: T.exp_gram_sum(x, 2.0), lambda x: R.exp_gram_sum(x, 2.0), [a], wrt=[0],
+             loss_tol=1e-5, grad_tol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_large_batch_bf16(cuda_device):
+    n, d = 8192, 512
+    a, b = (unit_rows(n, d, device=cuda_device, requires_grad=False) for _ in range(2))
+    _low_precision_check(lambda a, b, s: T.info_nce(a, b, s, True), lambda a, b, s: R.info_nce(a, b, s, True),
+                         [a, b, _scale(100.0, device=cuda_device)], [0, 1, 2], torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_every_autotune_config(cuda_device):
+    """Each config of each kernel, run explicitly (bypassing the autotuner), against the reference."""
+    n, d, dtype = 700, 200, torch.bfloat16
+    dev = cuda_device
+    a, b, q_m = (unit_rows(n, d, device=dev, requires_grad=False).to(dtype) for _ in range(3))
+    bank = unit_rows(n + 900, d, device=dev, requires_grad=False).to(dtype)
+    s = torch.tensor(20.0, device=dev)
+    grad = torch.tensor(1.0, device=dev)
+
+    ex = [t.double().requires_grad_() for t in (a, b)]
+    s64 = s.double().requires_grad_()
+    ref = R.info_nce(ex[0], ex[1], s64, True)
+    ref_grads = torch.autograd.grad(ref, [*ex, s64])
+    ref_itc = R.itc_soft_ce(ex[0], q_m.double(), bank.double(), s64, 0.4)
+    ref_itc_grads = torch.autograd.grad(ref_itc, [ex[0], s64])
+    ref_gram = R.exp_gram_sum(ex[0], 2.0)
+    ref_gram_grad, = torch.autograd.grad(ref_gram, [ex[0]])
+    tol = 2e-2  # bf16 arithmetic on 700 x 200: well above its ~4e-3 error, far below a wrong kernel's O(1)
+
+    for cfg in softmax_ce.FORWARD_CONFIGS:
+        loss, _ = softmax_ce.info_nce_forward(a, b, s, True, config=cfg)
+        assert rel_err(loss, ref) < 1e-3, cfg
+        loss, _ = softmax_ce.itc_forward(a, q_m, bank, s, 0.4, config=cfg)
+        assert rel_err(loss, ref_itc) < 1e-3, cfg
+    _, lse2 = softmax_ce.info_nce_forward(a, b, s, True)
+    _, itc_lse2 = softmax_ce.itc_forward(a, q_m, bank, s, 0.4)
+    for cfg in softmax_ce.BACKWARD_CONFIGS:
+        got = softmax_ce.info_nce_backward(grad, a, b, s, lse2, True, True, True, True, config=cfg)
+        for g, h in zip(got, ref_grads):
+            assert rel_err(g, h) < tol, cfg
+        got = softmax_ce.itc_backward(grad, a, q_m, bank, s, itc_lse2, 0.4, True, True, config=cfg)
+        for g, h in zip(got, ref_itc_grads):
+            assert rel_err(g, h) < tol, cfg
+    for cfg in exp_gram.FORWARD_CONFIGS:
+        total, _ = exp_gram.exp_gram_forward(a, 2.0, config=cfg)
+        assert rel_err(total, ref_gram) < 1e-4, cfg
+    _, sq = exp_gram.exp_gram_forward(a, 2.0)
+    for cfg in exp_gram.BACKWARD_CONFIGS:
+        dx = exp_gram.exp_gram_backward(grad, a, sq, 2.0, config=cfg)
+        assert rel_err(dx, ref_gram_grad) < tol, cfg
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_training_step(cuda_device):
+    """torch.compile(fullgraph=True) with inductor: projection heads + the three custom ops, one step."""
+    torch._dynamo.reset()
+    dev, n, d = cuda_device, 512, 256
+    torch.manual_seed(0)
+    heads = [torch.nn.Linear(64, d, device=dev) for _ in range(2)]
+    x_img, x_txt = torch.randn(n, 64, device=dev), torch.randn(n, 64, device=dev)
+    q_m, bank = unit_rows(n, d, device=dev, requires_grad=False), unit_rows(3 * n, d, device=dev, requires_grad=False)
+    log_scale = torch.tensor(2.6, device=dev, requires_grad=True)
+
+    def step(x_img, x_txt):
+        v = torch.nn.functional.normalize(heads[0](x_img), dim=-1)
+        t = torch.nn.functional.normalize(heads[1](x_txt), dim=-1)
+        return _training_objective(v, t, q_m, bank, log_scale.exp())
+
+    params = [*heads[0].parameters(), *heads[1].parameters(), log_scale]
+    eager = step(x_img, x_txt)
+    g_eager = torch.autograd.grad(eager, params)
+    compiled = torch.compile(step, fullgraph=True)(x_img, x_txt)
+    g_compiled = torch.autograd.grad(compiled, params)
+    assert rel_err(compiled, eager) < 1e-5
+    for g, h in zip(g_compiled, g_eager):
+        assert rel_err(g, h) < 1e-4
+
+
+@pytest.mark.gpu
+def test_gpu_peak_memory_is_linear_in_n(cuda_device):
+    """N = 65536 and 131072, D = 512, bf16: fwd + bwd of the symmetric loss (and ITC with a 65536 queue,
+    and the Gram sum) use well under 2 GB beyond inputs and gradients, and the extra grows ~linearly
+    (an N x N fp32 buffer would be 16 GB and 64 GB)."""
+    dev, d = cuda_device, 512
+    extras = {}
+    for n in (65536, 131072):
+        a, b = (unit_rows(n, d, device=dev, requires_grad=False).to(torch.bfloat16).requires_grad_() for _ in range(2))
+        q_m = unit_rows(n, d, device=dev, requires_grad=False).to(torch.bfloat16)
+        bank = unit_rows(n + 65536, d, device=dev, requires_grad=False).to(torch.bfloat16)
+        s = _scale(100.0, device=dev)
+        a.grad = torch.zeros_like(a)
+        b.grad = torch.zeros_like(b)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss = T.info_nce(a, b, s, True) + T.itc_soft_ce(a, q_m, bank, s, 0.4) + torch.log(T.exp_gram_sum(b, 2.0))
+        loss.backward()
+        torch.cuda.synchronize()
+        extras[n] = torch.cuda.max_memory_allocated() - base
+        assert extras[n] < 2 * 2**30, (n, extras[n])
+        del a, b, q_m, bank, loss
+        torch.cuda.empty_cache()
+    assert extras[131072] < 2.6 * extras[65536], extras
+
+
+@pytest.mark.gpu
+def test_gpu_gradcheck_float64(cuda_device):
+    a, b = (torch.randn(5, 3, dtype=torch.float64, device=cuda_device) for _ in range(2))
+    s = _scale(3.0, torch.float64, device=cuda_device)
+    assert torch.autograd.gradcheck(lambda a, b, s: T.info_nce(a, b, s, True), _leaves(a, b) + [s])
+    assert torch.autograd.gradcheck(lambda x: T.exp_gram_sum(x, 0.7), _leaves(a))
+    bank = torch.randn(8, 3, dtype=torch.float64, device=cuda_device)
+    assert torch.autograd.gradcheck(lambda q, s: T.itc_soft_ce(q, b, bank, s, 0.0), _leaves(a) + [s])
+
+
+@pytest.mark.gpu
+def test_gpu_rejects_cpu_tensors(cuda_device):
+    if _common.interpreting():
+        pytest.skip("the kernels were built for the interpreter in this process")
+    x = unit_rows(4, 3)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        T.info_nce(x, x, _scale(), True)
