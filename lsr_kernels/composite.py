@@ -61,21 +61,50 @@ def _gram_distance(gram_a: Tensor, cross: Tensor, gram_c: Tensor) -> Tensor:
     return gram_a.square().sum() - 2 * cross.square().sum() + gram_c.square().sum()
 
 
-def geometric(image: Tensor, text: Tensor, image_aug: Optional[Tensor] = None,
-              text_aug: Optional[Tensor] = None) -> Tensor:
-    """SPEC 2.4 ``L_gc (+ L_gca)`` through the Gram identities: no N x N matrix at all."""
-    v, t = _wide(image), _wide(text)
-    n = v.shape[0]
-    g_vv, g_tt, g_tv = v.T @ v, t.T @ t, t.T @ v
+def geometric_grams(image: Tensor, text: Tensor, image_aug: Optional[Tensor] = None,
+                    text_aug: Optional[Tensor] = None) -> Tensor:
+    """The D x D Grams geometric consistency needs, stacked ``[3 or 7, D, D]`` in float64.
+
+    ``[V^T V, T^T T, T^T V]`` and, with both views, ``[V^T Va, Va^T Va, T^T Ta, Ta^T Ta]``. They are sums
+    over rows, so the distributed path all-reduces this stack. The identities subtract quantities of
+    size ~N^2 to get a result that can be far smaller, hence float64 (O(N D^2) work, negligible next
+    to the N^2 D terms).
+    """
+    v, t = image.double(), text.double()
+    grams = [v.T @ v, t.T @ t, t.T @ v]
+    if image_aug is not None and text_aug is not None:
+        va, ta = image_aug.double(), text_aug.double()
+        grams += [v.T @ va, va.T @ va, t.T @ ta, ta.T @ ta]
+    return torch.stack(grams)
+
+
+def geometric_from_grams(grams: Tensor, n: int, pair_gap: Optional[Tensor]) -> Tensor:
+    """SPEC 2.4 from :func:`geometric_grams` over ``n`` rows; ``pair_gap`` is the row-wise term of
+    ``L_gca``, ``mean_j (<V_j, T_j> - <Va_j, Ta_j>)^2`` (``None`` without views)."""
+    g_vv, g_tt, g_tv = grams[0], grams[1], grams[2]
     # ||V T^T - T V^T||^2 = 2 <V^T V, T^T T> - 2 trace((T^T V)^2);  trace(G G) = <G, G^T>
     skew = 2 * (g_vv * g_tt).sum() - 2 * (g_tv * g_tv.T).sum()
     loss = (skew + _gram_distance(g_vv, g_tv, g_tt)) / n
-    if image_aug is None or text_aug is None:
+    if grams.shape[0] == 3:
         return loss
-    va, ta = _wide(image_aug), _wide(text_aug)
-    aug = _gram_distance(g_vv, v.T @ va, va.T @ va) + _gram_distance(g_tt, t.T @ ta, ta.T @ ta)
-    pair_gap = ((v * t).sum(-1) - (va * ta).sum(-1)).square().mean()
+    aug = _gram_distance(g_vv, grams[3], grams[4]) + _gram_distance(g_tt, grams[5], grams[6])
     return loss + aug / n + pair_gap
+
+
+def pair_gap(image: Tensor, text: Tensor, image_aug: Tensor, text_aug: Tensor) -> Tensor:
+    """``mean_j (<V_j, T_j> - <Va_j, Ta_j>)^2``, row-wise, in float64."""
+    return ((image.double() * text.double()).sum(-1)
+            - (image_aug.double() * text_aug.double()).sum(-1)).square().mean()
+
+
+def geometric(image: Tensor, text: Tensor, image_aug: Optional[Tensor] = None,
+              text_aug: Optional[Tensor] = None) -> Tensor:
+    """SPEC 2.4 ``L_gc (+ L_gca)`` through the Gram identities: no N x N matrix at all.
+    Returned in float32 (float64 for float64 inputs)."""
+    views = image_aug is not None and text_aug is not None
+    gap = pair_gap(image, text, image_aug, text_aug) if views else None
+    loss = geometric_from_grams(geometric_grams(image, text, image_aug, text_aug), image.shape[0], gap)
+    return loss.to(torch.float64 if image.dtype == torch.float64 else torch.float32)
 
 
 def lsr_terms(prims: ModuleType, image: Tensor, text: Tensor, scale: Tensor, *,

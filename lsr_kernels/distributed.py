@@ -676,28 +676,11 @@ def _geometric_share(setup: _Setup, image: Tensor, text: Tensor, image_aug: Opti
                      text_aug: Optional[Tensor], n_global: int) -> Tensor:
     """SPEC 2.4 through the Gram identities, the ``D x D`` Grams summed over ranks (one all-reduce);
     the pair term of ``L_gca`` row-wise (local mean)."""
-    v, t = _wide(image), _wide(text)
-    local = [v.T @ v, t.T @ t, t.T @ v]
+    grams = all_reduce_sum(composite.geometric_grams(image, text, image_aug, text_aug), setup.group)
     views = image_aug is not None and text_aug is not None
-    if views:
-        va, ta = _wide(image_aug), _wide(text_aug)
-        local += [v.T @ va, va.T @ va, t.T @ ta, ta.T @ ta]
-    grams = all_reduce_sum(torch.stack(local), setup.group)
-    g_vv, g_tt, g_tv = grams[0], grams[1], grams[2]
-    # ||V T^T - T V^T||^2 = 2 <V^T V, T^T T> - 2 trace((T^T V)^2);  ||A A^T - C C^T||^2 via Grams.
-    skew = 2 * (g_vv * g_tt).sum() - 2 * (g_tv * g_tv.T).sum()
-    loss = (skew + _gram_distance(g_vv, g_tv, g_tt)) / n_global
-    if not views:
-        return loss
-    aug = _gram_distance(g_vv, grams[3], grams[4]) + _gram_distance(g_tt, grams[5], grams[6])
-    pair_gap = ((v * t).sum(-1) - (va * ta).sum(-1)).square().mean()
-    return loss + aug / n_global + pair_gap
-
-
-def _gram_distance(gram_a: Tensor, cross: Tensor, gram_c: Tensor) -> Tensor:
-    """``||A A^T - C C^T||_F^2`` from ``A^T A``, ``A^T C`` and ``C^T C`` (as composite's; it takes
-    features, here the Grams are the all-reduced sums)."""
-    return gram_a.square().sum() - 2 * cross.square().sum() + gram_c.square().sum()
+    gap = composite.pair_gap(image, text, image_aug, text_aug) if views else None
+    loss = composite.geometric_from_grams(grams, n_global, gap)
+    return loss.to(torch.float64 if image.dtype == torch.float64 else torch.float32)
 
 
 def _prepare_gradients(setup: _Setup, scale: Tensor, named: Dict[str, Optional[Tensor]]):
