@@ -1,0 +1,285 @@
+// A CPU emulation of the small part of CUDA that the kernels in csrc/ use, so that the kernels' own
+// source (index arithmetic, masking, shared-memory layouts, synchronisation, the online reductions,
+// the op wrappers) runs and is tested on machines without a GPU. A test harness, not a backend:
+// it is slow and runs one block at a time. Built by lsr_kernels.backends.cuda.load_cpu_emulation().
+//
+// Model:
+// - Blocks run one after another; the threads of a block are real std::threads, so __syncthreads,
+//   __syncwarp and the shuffles are real barriers. A thread that misses a barrier the others wait on
+//   (divergent synchronisation) aborts the process with a message instead of hanging.
+// - Shared memory starts as 0xFF bytes (NaN in every float type), so reading shared memory that was
+//   never written poisons the result; guard bytes around it catch writes past the requested size.
+// - wmma fragments hold the whole 16 x 16 tile in every lane (the real layout is opaque to the
+//   kernels anyway); loads and stores check the 256-bit pointer alignment and the ldm rules; the
+//   products are exact and accumulate in fp32, as on tensor cores.
+// - cp.async is a synchronous 16-byte copy (or zero fill) that checks both addresses' alignment.
+#pragma once
+
+#ifndef LSR_CPU_EMULATION
+#define LSR_CPU_EMULATION 1
+#endif
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+// CUDA's host headers turn these into GNU attributes; here they are plain C++.
+#undef __device__
+#undef __global__
+#undef __host__
+#undef __forceinline__
+#undef __shared__
+#undef __align__
+#undef __launch_bounds__
+#define __device__
+#define __global__
+#define __host__
+#define __forceinline__ inline
+#define __shared__
+#define __align__(n) alignas(n)
+#define __launch_bounds__(...)
+
+using std::exp;
+using std::fma;
+using std::log;
+using std::sqrt;
+
+inline int min(int a, int b) { return a < b ? a : b; }
+inline float __expf(float x) { return std::exp(x); }
+inline unsigned __float_as_uint(float x) {
+  unsigned u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+}
+inline float __uint_as_float(unsigned u) {
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+}
+[[noreturn]] inline void __trap() {
+  std::fprintf(stderr, "lsr cpu emulation: __trap()\n");
+  std::abort();
+}
+
+inline thread_local uint3 threadIdx;
+inline thread_local uint3 blockIdx;
+inline thread_local dim3 blockDim;
+inline thread_local dim3 gridDim;
+
+namespace lsr_emu {
+
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "lsr cpu emulation: %s\n", what);
+  std::fflush(stderr);
+  std::abort();
+}
+
+// A reusable barrier for `count` threads; waiting longer than the timeout means some thread of the
+// group will never arrive (a divergent __syncthreads / __syncwarp / shuffle).
+class Barrier {
+ public:
+  explicit Barrier(int count) : count_(count) {}
+  void arrive_and_wait(const char* what) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const unsigned long long generation = generation_;
+    if (++waiting_ == count_) {
+      waiting_ = 0;
+      ++generation_;
+      cv_.notify_all();
+      return;
+    }
+    if (!cv_.wait_for(lock, std::chrono::seconds(60), [&] { return generation_ != generation; })) fail(what);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  const int count_;
+  int waiting_ = 0;
+  unsigned long long generation_ = 0;
+};
+
+struct BlockState {
+  explicit BlockState(int threads) : block(threads) {
+    for (int w = 0; w < threads / 32; ++w) warps.emplace_back(new Barrier(32));
+    shuffle.resize(threads);
+  }
+  Barrier block;
+  std::vector<std::unique_ptr<Barrier>> warps;
+  std::vector<unsigned long long> shuffle;  // one 8-byte slot per thread
+  unsigned char* smem = nullptr;
+};
+
+inline thread_local BlockState* tl_block = nullptr;
+
+inline unsigned char* block_shared_memory() { return tl_block->smem; }
+inline unsigned thread_rank() { return threadIdx.x; }
+inline Barrier& warp_barrier() { return *tl_block->warps[thread_rank() / 32]; }
+
+inline std::mutex& atomic_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+inline void cp_async_16(void* dst, const void* src, bool valid) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) fail("cp.async: shared-memory destination not 16-byte aligned");
+  if (valid && reinterpret_cast<uintptr_t>(src) % 16 != 0) fail("cp.async: global source not 16-byte aligned");
+  if (valid) {
+    std::memcpy(dst, src, 16);
+  } else {
+    std::memset(dst, 0, 16);
+  }
+}
+
+constexpr size_t kGuardBytes = 1024;
+constexpr size_t kSharedMemoryLimit = 166912;  // sm_80's opt-in limit per block, the strictest target
+
+template <typename Params>
+void launch(void (*kernel)(Params), dim3 grid, dim3 block, size_t smem_bytes, const Params& params) {
+  const int threads = static_cast<int>(block.x * block.y * block.z);
+  if (block.y != 1 || block.z != 1 || threads % 32 != 0) fail("launch: blocks must be 1-D with whole warps");
+  if (smem_bytes > kSharedMemoryLimit) fail("launch: more dynamic shared memory than sm_80 allows");
+  const size_t total = smem_bytes + 2 * kGuardBytes;
+  for (unsigned bz = 0; bz < grid.z; ++bz) {
+    for (unsigned by = 0; by < grid.y; ++by) {
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        std::unique_ptr<unsigned char, decltype(&std::free)> buffer(
+            static_cast<unsigned char*>(std::aligned_alloc(128, (total + 127) / 128 * 128)), &std::free);
+        std::memset(buffer.get(), 0xFF, total);
+        BlockState state(threads);
+        state.smem = buffer.get() + kGuardBytes;
+        std::vector<std::thread> pool;
+        pool.reserve(threads);
+        for (int t = 0; t < threads; ++t) {
+          pool.emplace_back([&, t] {
+            threadIdx = make_uint3(static_cast<unsigned>(t), 0, 0);
+            blockIdx = make_uint3(bx, by, bz);
+            blockDim = block;
+            gridDim = grid;
+            tl_block = &state;
+            kernel(params);
+            tl_block = nullptr;
+          });
+        }
+        for (auto& th : pool) th.join();
+        for (size_t i = 0; i < kGuardBytes; ++i) {
+          if (buffer.get()[i] != 0xFF || buffer.get()[kGuardBytes + smem_bytes + i] != 0xFF)
+            fail("shared memory written outside the requested range");
+        }
+      }
+    }
+  }
+}
+
+}  // namespace lsr_emu
+
+inline void __syncthreads() {
+  lsr_emu::tl_block->block.arrive_and_wait("deadlock in __syncthreads (divergent barrier)");
+}
+inline void __syncwarp(unsigned = 0xffffffffu) {
+  lsr_emu::warp_barrier().arrive_and_wait("deadlock in __syncwarp (divergent warp barrier)");
+}
+
+template <typename V>
+V __shfl_xor_sync(unsigned, V value, int lane_mask) {
+  static_assert(sizeof(V) <= 8 && std::is_trivially_copyable<V>::value, "8-byte shuffle slots");
+  auto& slots = lsr_emu::tl_block->shuffle;
+  const unsigned me = lsr_emu::thread_rank();
+  const unsigned other = (me & ~31u) | ((me & 31u) ^ static_cast<unsigned>(lane_mask));
+  std::memcpy(&slots[me], &value, sizeof(V));
+  lsr_emu::warp_barrier().arrive_and_wait("deadlock in __shfl_xor_sync (not all 32 lanes)");
+  V result;
+  std::memcpy(&result, &slots[other], sizeof(V));
+  lsr_emu::warp_barrier().arrive_and_wait("deadlock in __shfl_xor_sync (not all 32 lanes)");
+  return result;
+}
+
+inline unsigned long long atomicCAS(unsigned long long* address, unsigned long long compare, unsigned long long value) {
+  std::lock_guard<std::mutex> lock(lsr_emu::atomic_mutex());
+  const unsigned long long old = *address;
+  if (old == compare) *address = value;
+  return old;
+}
+
+// ------------------------------------------------------------------------------------------ wmma
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "the kernels use m16n16k16 only");
+  float x[256];  // element (r, c) at x[16 r + c], whole tile in every lane
+};
+
+inline float emu_to_float(__half v) { return __half2float(v); }
+inline float emu_to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+inline float emu_to_float(float v) { return v; }
+
+inline void check_matrix_pointer(const void* p, unsigned ldm, size_t element_bytes) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) lsr_emu::fail("wmma: pointer not 256-bit aligned");
+  if ((ldm * element_bytes) % 16 != 0) lsr_emu::fail("wmma: ldm not a multiple of 16 bytes");
+}
+
+template <typename F>
+void fill_fragment(F& f, float value) {
+  for (float& e : f.x) e = value;
+}
+
+template <typename Use, typename T, typename Layout>
+void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  static_assert(std::is_same<Layout, row_major>::value || std::is_same<Layout, col_major>::value, "operand layout");
+  check_matrix_pointer(p, ldm, sizeof(T));
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c)
+      f.x[16 * r + c] = emu_to_float(std::is_same<Layout, row_major>::value ? p[r * ldm + c] : p[c * ldm + r]);
+}
+
+template <typename TA, typename LA, typename TB, typename LB>
+void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, TA, LA>& a,
+              const fragment<matrix_b, 16, 16, 16, TB, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+  float out[256];
+  for (int r = 0; r < 16; ++r)
+    for (int col = 0; col < 16; ++col) {
+      float acc = c.x[16 * r + col];
+      for (int k = 0; k < 16; ++k) acc = std::fma(a.x[16 * r + k], b.x[16 * k + col], acc);
+      out[16 * r + col] = acc;
+    }
+  std::memcpy(d.x, out, sizeof(out));
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
+                              layout_t layout) {
+  check_matrix_pointer(p, ldm, sizeof(float));
+  if (lsr_emu::thread_rank() % 32 != 0) return;  // one lane writes; the kernels synchronise before reading
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) {
+      if (layout == mem_row_major) {
+        p[r * ldm + c] = f.x[16 * r + c];
+      } else {
+        p[c * ldm + r] = f.x[16 * r + c];
+      }
+    }
+}
+
+}  // namespace wmma
+}  // namespace nvcuda

@@ -1,0 +1,293 @@
+// Fused InfoNCE (SPEC 2.1 / 2.2): CE(X) and (CE(X) + CE(X^T)) / 2 for X = s a b^T, never writing X.
+//
+// Forward, one pass over the tiles of X (a block owns BM rows of a and walks over all column tiles):
+//   row statistics   lse_row[i] = logsumexp_j X[i, j]   online max / sum per row, kept in registers;
+//   column statistics (symmetric) the same reduction down each tile's columns, merged across blocks
+//                    into one packed (max, sum) fp32 pair per column with a 64-bit atomicCAS;
+//   diagonal         X[i, i] read from the tile that holds it.
+//   CE(X) = mean_i (lse_row[i] - X[i, i]);  CE(X^T) = mean_j (lse_col[j] - X[j, j]).
+// fp64 has no 128-bit CAS for its pair, so there the column statistics are the row statistics of
+// the swapped problem (a second launch); fp64 is the gradcheck path, not a performance path.
+//
+// Backward, with g the upstream gradient and n_ce the number of CE terms (1 or 2):
+//   dL/dX[i, j] = g / (n_ce N) * (P_row[i, j] + [sym] P_col[i, j] - n_ce [i == j]),
+//   P_row = exp(X - lse_row[i]),  P_col = exp(X - lse_col[j]);
+//   grad_a = s dL/dX b,  grad_b = s dL/dX^T a,  grad_s = sum_ij dL/dX[i, j] S[i, j].
+// One kernel computes "grad of the left operand": launched on (a, b) for grad_a and grad_s, and on
+// (b, a) with the roles of the statistics swapped for grad_b. Each launch recomputes the S tiles
+// from the saved statistics; nothing N x N is stored.
+#include "static_switch.h"
+#include "tile_gemm.cuh"
+
+namespace lsr {
+namespace {
+
+// ------------------------------------------------------------------------------------ forward
+template <typename T, bool FUSED>
+struct InfoNceFwd {
+  using acc_t = typename Types<T>::acc_t;
+  static constexpr int BM = std::is_same<T, double>::value ? 64 : 128;
+  static constexpr int BN = BM;
+  // Row reductions: 8 lanes per row, 4 rows per warp. A row stride of 8 (mod 32) words puts the
+  // 4 rows x 8 lanes of a warp on 32 distinct banks; column reductions read 32 consecutive words.
+  static constexpr int LDS = BN + 8;
+  using Gemm = TileGemm<T, BM, BN, 1>;
+  static constexpr size_t kOffS = align_up(Gemm::kSmemBytes);
+  static constexpr size_t kSmemBytes = kOffS + sizeof(acc_t) * BM * LDS;
+  // Fused: warps 0-3 reduce rows, warps 4-7 reduce columns (each thread one column of the tile).
+  static constexpr int kRowWarps = FUSED ? kWarps / 2 : kWarps;
+  static constexpr int kRowsPerRound = kRowWarps * 4;
+  static constexpr int kRounds = BM / kRowsPerRound;
+  static constexpr int kColThreads = kThreads - kRowWarps * 32;
+  static constexpr int kColParts = FUSED ? kColThreads / BN : 1;  // threads sharing one column
+  static_assert(BM % kRowsPerRound == 0, "whole rounds of rows");
+  static_assert(BN % 8 == 0, "8 lanes per row");
+  static_assert(!FUSED || (kColThreads % BN == 0 && kColParts >= 1), "whole columns per thread group");
+};
+
+__device__ __forceinline__ unsigned long long pack_stats(float m, float l) {
+  return (static_cast<unsigned long long>(__float_as_uint(l)) << 32) | __float_as_uint(m);
+}
+
+// slot <- merge(slot, (m, l)) for a (max, sum of exp(x - max)) pair; the merge is associative and
+// commutative, so blocks may arrive in any order. Initial value: (-inf, 0).
+__device__ void merge_column_stats(unsigned long long* slot, float m, float l) {
+  unsigned long long seen = *reinterpret_cast<volatile unsigned long long*>(slot);
+  while (true) {
+    const float cur_m = __uint_as_float(static_cast<unsigned>(seen & 0xffffffffull));
+    const float cur_l = __uint_as_float(static_cast<unsigned>(seen >> 32));
+    const float new_m = fmaxf(cur_m, m);  // m is finite, so new_m is finite
+    const float new_l = cur_l * expf(cur_m - new_m) + l * expf(m - new_m);
+    const unsigned long long prev = atomicCAS(slot, seen, pack_stats(new_m, new_l));
+    if (prev == seen) return;
+    seen = prev;
+  }
+}
+
+template <typename T, bool FUSED>
+__global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_fwd_kernel(const InfoNceFwdParams p) {
+  using K = InfoNceFwd<T, FUSED>;
+  using acc_t = typename K::acc_t;
+  constexpr bool kFast = Types<T>::kTensorCore;
+  LSR_DYNAMIC_SMEM(smem);
+  T* gemm_smem = reinterpret_cast<T*>(smem);
+  acc_t* S = reinterpret_cast<acc_t*>(smem + K::kOffS);
+
+  const T* a = static_cast<const T*>(p.a);
+  const T* b = static_cast<const T*>(p.b);
+  const int N = p.n, D = p.d;
+  const int r0 = blockIdx.x * K::BM;
+  const int a_rows = min(K::BM, N - r0);
+  const acc_t s = *static_cast<const acc_t*>(p.scale);
+  const acc_t kNegInf = -INFINITY;
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const bool row_thread = warp < K::kRowWarps;
+  const int grp = lane >> 3, j8 = lane & 7;  // row group within the warp, lane within the group
+
+  acc_t run_m[K::kRounds], run_l[K::kRounds], diag[K::kRounds];
+#pragma unroll
+  for (int rd = 0; rd < K::kRounds; ++rd) {
+    run_m[rd] = kNegInf;
+    run_l[rd] = acc_t(0);
+    diag[rd] = acc_t(0);
+  }
+
+  const T* a_ops[1] = {a + static_cast<int64_t>(r0) * D};
+  acc_t* s_ops[1] = {S};
+  for (int c0 = 0; c0 < N; c0 += K::BN) {
+    const int b_rows = min(K::BN, N - c0);
+    K::Gemm::run(a_ops, a_rows, b + static_cast<int64_t>(c0) * D, b_rows, D, p.vec, gemm_smem, s_ops, K::LDS);
+    __syncthreads();
+
+    if (row_thread) {
+      // Rows past a_rows hold zeros and are never stored; columns past b_rows are skipped.
+#pragma unroll
+      for (int rd = 0; rd < K::kRounds; ++rd) {
+        const int row = rd * K::kRowsPerRound + warp * 4 + grp;
+        const acc_t* srow = S + row * K::LDS;
+        acc_t tile_m = kNegInf;
+        for (int c = j8; c < b_rows; c += 8) tile_m = max_acc(tile_m, s * srow[c]);
+        tile_m = group_max<8>(tile_m);  // finite: every tile has at least one valid column
+        acc_t tile_l = acc_t(0);
+        for (int c = j8; c < b_rows; c += 8) tile_l += exp_acc<kFast>(s * srow[c] - tile_m);
+        tile_l = group_sum<8>(tile_l);
+        const acc_t new_m = max_acc(run_m[rd], tile_m);
+        run_l[rd] = run_l[rd] * exp_acc<kFast>(run_m[rd] - new_m) + tile_l * exp_acc<kFast>(tile_m - new_m);
+        run_m[rd] = new_m;
+        const int dc = r0 + row - c0;  // the diagonal entry's column in this tile, if it is here
+        if (dc >= 0 && dc < b_rows) diag[rd] = srow[dc];
+      }
+    } else {
+      if constexpr (FUSED) {
+        const int ct = threadIdx.x - K::kRowWarps * 32;
+        const int col = ct % K::BN, part = ct / K::BN;
+        if (col < b_rows) {
+          acc_t tile_m = kNegInf;
+          for (int r = part; r < a_rows; r += K::kColParts) tile_m = max_acc(tile_m, s * S[r * K::LDS + col]);
+          if (tile_m > kNegInf) {  // false only for a part without valid rows
+            acc_t tile_l = acc_t(0);
+            for (int r = part; r < a_rows; r += K::kColParts)
+              tile_l += exp_acc<kFast>(s * S[r * K::LDS + col] - tile_m);
+            merge_column_stats(p.col_stats + c0 + col, tile_m, tile_l);
+          }
+        }
+      }
+    }
+    __syncthreads();  // S is rewritten by the next tile
+  }
+
+  if (row_thread && j8 == 0) {
+    acc_t* lse_row = static_cast<acc_t*>(p.lse_row);
+    acc_t* row_term = static_cast<acc_t*>(p.row_term);
+#pragma unroll
+    for (int rd = 0; rd < K::kRounds; ++rd) {
+      const int row = rd * K::kRowsPerRound + warp * 4 + grp;
+      if (row < a_rows) {
+        const acc_t lse = run_m[rd] + log_acc(run_l[rd]);
+        lse_row[r0 + row] = lse;
+        row_term[r0 + row] = lse - s * diag[rd];
+        if constexpr (FUSED) static_cast<acc_t*>(p.diag)[r0 + row] = diag[rd];
+      }
+    }
+  }
+}
+
+__global__ void info_nce_col_finalize_kernel(const InfoNceColFinalizeParams p) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= p.n) return;
+  const unsigned long long packed = p.col_stats[j];
+  const float m = __uint_as_float(static_cast<unsigned>(packed & 0xffffffffull));
+  const float l = __uint_as_float(static_cast<unsigned>(packed >> 32));
+  const float lse = m + logf(l);
+  p.lse_col[j] = lse;
+  p.col_term[j] = lse - p.scale[0] * p.diag[j];
+}
+
+// ----------------------------------------------------------------------------------- backward
+template <typename T, bool USE_ROW, bool USE_COL>
+__global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_bwd_kernel(const InfoNceBwdParams p) {
+  using K = RowBwdLayout<T, 1>;
+  using acc_t = typename K::acc_t;
+  constexpr bool kFast = Types<T>::kTensorCore;
+  constexpr acc_t kH = HScale<T>::value;
+  LSR_DYNAMIC_SMEM(smem);
+  T* gemm1_smem = reinterpret_cast<T*>(smem);
+  acc_t* S = reinterpret_cast<acc_t*>(smem + K::kOffS);
+  acc_t* scratch = reinterpret_cast<acc_t*>(smem + K::kOffScratch);
+  typename K::Gemm2 gemm2;
+  gemm2.init(reinterpret_cast<T*>(smem + K::kOffG2));
+
+  const T* A = static_cast<const T*>(p.a);
+  const T* B = static_cast<const T*>(p.b);
+  const acc_t* lse_a = static_cast<const acc_t*>(p.lse_a);
+  const acc_t* lse_b = static_cast<const acc_t*>(p.lse_b);
+  const int N = p.n, D = p.d;
+  const int r0 = blockIdx.x * K::BM;
+  const int a_rows = min(K::BM, N - r0);
+  const int d0 = blockIdx.y * K::Gemm2::DC;
+  const acc_t s = *static_cast<const acc_t*>(p.scale);
+
+  const int row = threadIdx.x / K::kTPR, part = threadIdx.x % K::kTPR;
+  const bool row_ok = row < a_rows;
+  acc_t lse_r = acc_t(0);
+  if (USE_ROW && row_ok) lse_r = lse_a[r0 + row];
+  acc_t ds_acc = acc_t(0);
+
+  const T* a_ops[1] = {A + static_cast<int64_t>(r0) * D};
+  acc_t* s_ops[1] = {S};
+  for (int c0 = 0; c0 < N; c0 += K::BN) {
+    const int b_rows = min(K::BN, N - c0);
+    const T* b_blk = B + static_cast<int64_t>(c0) * D;
+    gemm2.prefetch(b_blk, b_rows, d0, D, p.vec);  // B[c0:c0+BN, d0:d0+DC], overlapped with the S tile
+    K::Gemm1::run(a_ops, a_rows, b_blk, b_rows, D, p.vec, gemm1_smem, s_ops, K::LDS);
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < K::BN / K::kTPR; ++k) {
+      const int c = part + K::kTPR * k;
+      const acc_t sv = S[row * K::LDS + c];
+      acc_t h = acc_t(0);  // invalid rows / columns: weight 0 (their B rows are zeros as well)
+      if (row_ok && c < b_rows) {
+        const acc_t x = s * sv;
+        if (USE_ROW) h += exp_acc<kFast>(x - lse_r);
+        if (USE_COL) h += exp_acc<kFast>(x - lse_b[c0 + c]);
+        if (r0 + row == c0 + c) h -= acc_t(int(USE_ROW) + int(USE_COL));
+      }
+      ds_acc += h * sv;
+      gemm2.sH[row * K::Gemm2::LDH + c] = Convert<T>::from(h * kH);
+    }
+    gemm2.accumulate(d0, D);
+    __syncthreads();  // sH, sB2 and S are rewritten by the next tile
+  }
+
+  const acc_t g = *static_cast<const acc_t*>(p.grad);
+  const acc_t coef = g * s * static_cast<acc_t>(p.inv_norm) / kH;
+  T* grad_a = static_cast<T*>(p.grad_a);
+  gemm2.store(S, a_rows, d0, D, [&](int r, int col, acc_t v) {
+    grad_a[static_cast<int64_t>(r0 + r) * D + col] = Convert<T>::from(coef * v);
+  });
+
+  if (p.ds_partial != nullptr && blockIdx.y == 0) {  // block-uniform; the D-chunks repeat the same S
+    const acc_t total = block_sum(ds_acc, scratch);
+    if (threadIdx.x == 0) static_cast<acc_t*>(p.ds_partial)[blockIdx.x] = total;
+  }
+}
+
+// ----------------------------------------------------------------------------------- launchers
+template <typename T, bool FUSED>
+cudaError_t launch_fwd(const InfoNceFwdParams& p, int max_smem, cudaStream_t stream) {
+  using K = InfoNceFwd<T, FUSED>;
+  auto kernel = info_nce_fwd_kernel<T, FUSED>;
+  cudaError_t err = prepare_launch(kernel, K::kSmemBytes, max_smem);
+  if (err != cudaSuccess) return err;
+  LSR_LAUNCH(kernel, ceil_div(p.n, K::BM), kThreads, K::kSmemBytes, stream, p);
+  return LSR_LAST_ERROR();
+}
+
+template <typename T, bool USE_ROW, bool USE_COL>
+cudaError_t launch_bwd(const InfoNceBwdParams& p, int max_smem, cudaStream_t stream) {
+  using K = RowBwdLayout<T, 1>;
+  auto kernel = info_nce_bwd_kernel<T, USE_ROW, USE_COL>;
+  cudaError_t err = prepare_launch(kernel, K::kSmemBytes, max_smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(ceil_div(p.n, K::BM), ceil_div(p.d, K::Gemm2::DC));
+  LSR_LAUNCH(kernel, grid, kThreads, K::kSmemBytes, stream, p);
+  return LSR_LAST_ERROR();
+}
+
+template <typename T>
+cudaError_t dispatch_fwd(const InfoNceFwdParams& p, int max_smem, cudaStream_t stream) {
+  if constexpr (std::is_same<T, double>::value) {
+    if (p.fused_columns) return cudaErrorInvalidValue;  // no 128-bit CAS: the host swaps instead
+    return launch_fwd<T, false>(p, max_smem, stream);
+  } else {
+    return BOOL_SWITCH(p.fused_columns, FUSED, [&] { return launch_fwd<T, FUSED>(p, max_smem, stream); });
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_info_nce_fwd(const InfoNceFwdParams& p, int max_smem, cudaStream_t stream) {
+  return DTYPE_SWITCH(p.dtype, T, [&] { return dispatch_fwd<T>(p, max_smem, stream); });
+}
+
+cudaError_t launch_info_nce_col_finalize(const InfoNceColFinalizeParams& p, cudaStream_t stream) {
+  constexpr int kBlock = 256;
+  LSR_LAUNCH(info_nce_col_finalize_kernel, ceil_div(p.n, kBlock), kBlock, 0, stream, p);
+  return LSR_LAST_ERROR();
+}
+
+cudaError_t launch_info_nce_bwd(const InfoNceBwdParams& p, int max_smem, cudaStream_t stream) {
+  return DTYPE_SWITCH(p.dtype, T, [&] {
+    if (p.use_row && p.use_col) return launch_bwd<T, true, true>(p, max_smem, stream);
+    if (p.use_row) return launch_bwd<T, true, false>(p, max_smem, stream);
+    if (p.use_col) return launch_bwd<T, false, true>(p, max_smem, stream);
+    return cudaErrorInvalidValue;
+  });
+}
+
+int info_nce_bwd_block_rows(DType dtype) {
+  return dtype == DType::kFloat64 ? RowBwdLayout<double, 1>::BM : RowBwdLayout<float, 1>::BM;
+}
+
+}  // namespace lsr

@@ -1,0 +1,512 @@
+"""Tests of the CUDA C++ backend (csrc/, lsr_kernels/backends/cuda.py).
+
+What runs where:
+
+- CPU, always (unless ``LSR_SKIP_CUDA_BUILD=1``, which skips everything that compiles csrc/):
+  * the extension compiles with nvcc for sm_90 and loads (JIT build in a subprocess);
+  * the kernels' own sources, built against the CPU emulation of csrc/cpu_emulation/ (block threads
+    as real threads, real barriers and shuffles, shared memory poisoned with NaN, wmma / cp.async
+    alignment checked), match the float64 reference for the loss and every gradient on awkward
+    shapes (N = 1, prime N, N over several blocks, D = 1, odd D, D over several D-chunks, a queue
+    longer than the batch), every dtype, plus a float64 gradcheck, the op checks and the fake
+    (meta) registrations used by torch.compile;
+  * without the extension, the primitives raise a RuntimeError that says how to build it.
+- GPU (marker ``gpu``; ``LSR_TEST_GPU=1`` and CUDA): the same parity on the real kernels in fp32 /
+  fp16 / bf16 (D = 1024 included), fp64 gradcheck, bad arguments passed straight to the C++ ops
+  raising Python exceptions, opcheck and torch.compile.
+
+Low precision follows flash-attention's rule: the kernel's error against the float64 reference is at
+most a small multiple of PyTorch's own error in that dtype (the reference run on the same
+low-precision inputs), measured as a relative 2-norm.
+
+    pytest tests/test_cuda.py                         # CPU: build check + emulation
+    LSR_TEST_GPU=1 pytest tests/test_cuda.py -m gpu   # on a GPU machine
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lsr_kernels import reference as R
+from lsr_kernels.backends import cuda as cuda_backend
+
+REPO = Path(__file__).resolve().parents[1]
+SKIP_BUILD = os.environ.get("LSR_SKIP_CUDA_BUILD") == "1"
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+DTYPE_IDS = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+# ----------------------------------------------------------------------------------- helpers
+def _unit(n, d, dtype, device, requires_grad=True):
+    x = F.normalize(torch.randn(n, d, dtype=torch.float64), dim=-1).to(device=device, dtype=dtype)
+    return x.requires_grad_(requires_grad)
+
+
+def _scale(value, dtype, device):
+    sdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.tensor(value, dtype=sdtype, device=device, requires_grad=True)
+
+
+def _wide(tensors):
+    return [t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
+
+
+def _grads(out, inputs):
+    wanted = [t for t in inputs if t.requires_grad]
+    got = iter(torch.autograd.grad(out, wanted))
+    return [next(got) if t.requires_grad else None for t in inputs]
+
+
+def _rel(x, ref):
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item(), ref.norm().item()
+
+
+def _check(what, got, ref64, ref_lowp, dtype):
+    """fp32 / fp64: tight; fp16 / bf16: at most 3x PyTorch's own error in that dtype (+1e-6)."""
+    err, scale = _rel(got, ref64)
+    if scale == 0.0:  # e.g. N = 1: the loss and every gradient are exactly zero
+        assert got.detach().abs().max().item() <= 1e-6, f"{what}: expected zeros, got {got}"
+        return
+    if dtype == torch.float64:
+        bound = 1e-12
+    elif dtype == torch.float32:
+        bound = 1e-5
+    else:
+        bound = 3 * _rel(ref_lowp, ref64)[0] + 1e-6
+    assert err <= bound, f"{what}: relative error {err:.3e} > {bound:.3e}"
+
+
+def _compare(fast_fn, ref_fn, inputs, dtype, label):
+    """Run fast_fn and ref_fn (float64 and, for fp16 / bf16, the inputs' dtype); compare all outputs."""
+    out = fast_fn(*inputs)
+    assert out.dim() == 0
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    grads = _grads(out, inputs)
+    wide = _wide(inputs)
+    ref = ref_fn(*wide)
+    ref_grads = _grads(ref, wide)
+    if dtype in LOW_PRECISION:
+        low = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
+        low_out = ref_fn(*low)
+        low_grads = _grads(low_out, low)
+    else:
+        low_out, low_grads = None, [None] * len(inputs)
+    _check(f"{label} loss", out, ref, low_out, dtype)
+    for i, (g, rg, lg) in enumerate(zip(grads, ref_grads, low_grads)):
+        if g is None:
+            continue
+        assert g.dtype == inputs[i].dtype and g.shape == inputs[i].shape, f"{label} grad[{i}] dtype/shape"
+        _check(f"{label} grad[{i}]", g, rg, lg, dtype)
+
+
+def run_info_nce_parity(prims, n, d, dtype, symmetric, device, b_requires_grad=True):
+    a = _unit(n, d, dtype, device)
+    b = _unit(n, d, dtype, device, requires_grad=b_requires_grad)
+    s = _scale(7.0, dtype, device)
+    _compare(lambda a, b, s: prims.info_nce(a, b, s, symmetric),
+             lambda a, b, s: R.info_nce(a, b, s, symmetric), [a, b, s], dtype,
+             f"info_nce n={n} d={d} {DTYPE_IDS[dtype]} sym={symmetric}")
+
+
+def run_exp_gram_parity(prims, n, d, dtype, device, t=2.0):
+    x = _unit(n, d, dtype, device)
+    _compare(lambda x: prims.exp_gram_sum(x, t), lambda x: R.exp_gram_sum(x, t), [x], dtype,
+             f"exp_gram n={n} d={d} {DTYPE_IDS[dtype]}")
+
+
+def run_itc_parity(prims, n, k, d, dtype, device, alpha=0.4):
+    q = _unit(n, d, dtype, device)
+    q_m = _unit(n, d, dtype, device, requires_grad=False)
+    bank = _unit(n + k, d, dtype, device, requires_grad=False)
+    s = _scale(5.0, dtype, device)
+    _compare(lambda q, s: prims.itc_soft_ce(q, q_m, bank, s, alpha),
+             lambda q, s: R.itc_soft_ce(q, q_m.to(q.dtype), bank.to(q.dtype), s, alpha), [q, s], dtype,
+             f"itc n={n} k={k} d={d} {DTYPE_IDS[dtype]}")
+
+
+def _nvcc():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+# ---------------------------------------------------------------------- without the extension
+def test_import_never_needs_the_extension():
+    import lsr_kernels
+
+    assert isinstance(lsr_kernels.HAS_CUDA_EXT, bool)
+    assert lsr_kernels.HAS_CUDA_EXT == cuda_backend.HAS_CUDA_EXT
+
+
+def test_primitive_without_extension_says_how_to_build():
+    if cuda_backend.HAS_CUDA_EXT:
+        pytest.skip("the extension is loaded in this process")
+    x = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="LSR_BUILD_CUDA=1 pip install --no-build-isolation -e ."):
+        cuda_backend.info_nce(x, x, torch.tensor(1.0), True)
+    with pytest.raises(RuntimeError, match="load_jit"):
+        cuda_backend.exp_gram_sum(x, 2.0)
+
+
+# ------------------------------------------------------------------------------ CPU build check
+@pytest.mark.slow
+@pytest.mark.skipif(SKIP_BUILD, reason="LSR_SKIP_CUDA_BUILD=1")
+def test_extension_compiles_for_sm90_and_loads(tmp_path):
+    if _nvcc() is None:
+        pytest.skip("nvcc not found (set CUDA_HOME)")
+    if torch.version.cuda is None:
+        pytest.skip("torch is not a CUDA build")
+    script = textwrap.dedent("""
+        import sys, torch
+        from lsr_kernels.backends import cuda
+        cuda.load_jit(build_directory=sys.argv[1])
+        assert cuda.HAS_CUDA_EXT
+        for name in ("info_nce_fwd", "info_nce_bwd", "exp_gram_fwd", "exp_gram_bwd", "itc_fwd", "itc_bwd"):
+            print(getattr(torch.ops.lsr_kernels, name).default._schema)
+    """)
+    env = dict(os.environ, TORCH_CUDA_ARCH_LIST="9.0", MAX_JOBS=os.environ.get("MAX_JOBS", "2"),
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"JIT build failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    assert "lsr_kernels::info_nce_fwd(Tensor a, Tensor b, Tensor scale, bool symmetric)" in proc.stdout
+    assert "lsr_kernels::itc_bwd(" in proc.stdout
+    assert list(tmp_path.glob("*.so")), "no shared library in the build directory"
+
+
+# ------------------------------------------------------------------------ CPU emulation tests
+@pytest.fixture(scope="module")
+def emu():
+    if SKIP_BUILD:
+        pytest.skip("LSR_SKIP_CUDA_BUILD=1")
+    if not cuda_backend.cuda_include_dirs():
+        pytest.skip("CUDA headers (cuda_runtime_api.h, cuda_fp16.h) not found")
+    return cuda_backend.load_cpu_emulation()
+
+
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["ce", "sym"])
+@pytest.mark.parametrize("n,d", [(1, 1), (37, 33), (70, 40)])
+def test_emulated_info_nce(emu, n, d, dtype, symmetric):
+    run_info_nce_parity(emu, n, d, dtype, symmetric, "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,n,d", [
+    (torch.float32, 131, 16),   # 2 forward / 3 backward row blocks, 2 column tiles
+    (torch.bfloat16, 131, 16),  # the same with cp.async loads
+    (torch.float32, 20, 130),   # 2 D-chunks of the FMA backward (128 columns each)
+    (torch.bfloat16, 20, 300),  # 2 D-chunks of the tensor-core backward (256 columns each)
+    (torch.float64, 70, 9),     # 2 blocks of the fp64 forward (64 rows), 3 of its backward (32)
+], ids=["fp32-blocks", "bf16-blocks", "fp32-dchunks", "bf16-dchunks", "fp64-blocks"])
+def test_emulated_info_nce_multi_block(emu, dtype, n, d):
+    run_info_nce_parity(emu, n, d, dtype, True, "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_emulated_info_nce_constant_right_operand(emu, dtype):
+    # b without grad (ALBEF's momentum views): the grad_b launch is skipped, grad_a and grad_s stay right
+    run_info_nce_parity(emu, 37, 24, dtype, False, "cpu", b_requires_grad=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("n,d", [(1, 1), (37, 33), (70, 40)])
+def test_emulated_exp_gram(emu, n, d, dtype):
+    run_exp_gram_parity(emu, n, d, dtype, "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,n,d", [
+    (torch.float32, 400, 5),    # 10 upper-triangle tiles over 6 persistent blocks
+    (torch.float64, 257, 8),    # 15 tiles (64-row fp64 tiles), 9 backward row blocks
+    (torch.bfloat16, 20, 300),  # 2 D-chunks of the backward
+], ids=["fp32-tiles", "fp64-tiles", "bf16-dchunks"])
+def test_emulated_exp_gram_multi_block(emu, dtype, n, d):
+    run_exp_gram_parity(emu, n, d, dtype, "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("n,k,d", [(1, 0, 1), (5, 70, 3), (37, 100, 40)])
+def test_emulated_itc(emu, n, k, d, dtype):
+    run_itc_parity(emu, n, k, d, dtype, "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,n,k,d,alpha", [
+    (torch.float32, 131, 5, 8, 0.4),    # 2 forward / 3 backward row blocks
+    (torch.bfloat16, 20, 30, 300, 0.4),  # 2 D-chunks of the backward
+    (torch.float32, 9, 20, 7, 0.0),     # alpha = 0: plain cross-entropy over the bank
+    (torch.float32, 9, 20, 7, 1.0),     # alpha = 1: pure distillation
+], ids=["fp32-blocks", "bf16-dchunks", "alpha0", "alpha1"])
+def test_emulated_itc_edges(emu, dtype, n, k, d, alpha):
+    run_itc_parity(emu, n, k, d, dtype, "cpu", alpha=alpha)
+
+
+@pytest.mark.slow
+def test_emulated_non_contiguous_inputs(emu):
+    a = _unit(24, 40, torch.float32, "cpu", requires_grad=False)[:, ::2].requires_grad_()  # stride 2 along D
+    b = _unit(20, 24, torch.float32, "cpu", requires_grad=False).t().requires_grad_()    # transposed
+    s = _scale(4.0, torch.float32, "cpu")
+    assert not a.is_contiguous() and not b.is_contiguous()
+    _compare(lambda a, b, s: emu.info_nce(a, b, s, True), lambda a, b, s: R.info_nce(a, b, s, True),
+             [a, b, s], torch.float32, "info_nce non-contiguous")
+
+
+@pytest.mark.slow
+def test_emulated_gradcheck_fp64(emu):
+    a, b = _unit(5, 3, torch.float64, "cpu"), _unit(5, 3, torch.float64, "cpu")
+    s = _scale(3.0, torch.float64, "cpu")
+    for symmetric in (False, True):
+        assert torch.autograd.gradcheck(lambda a, b, s: emu.info_nce(a, b, s, symmetric), (a, b, s),
+                                        fast_mode=True)
+    x = _unit(6, 3, torch.float64, "cpu")
+    assert torch.autograd.gradcheck(lambda x: emu.exp_gram_sum(x, 2.0), (x,), fast_mode=True)
+    q = _unit(4, 3, torch.float64, "cpu")
+    q_m = _unit(4, 3, torch.float64, "cpu", requires_grad=False)
+    bank = _unit(10, 3, torch.float64, "cpu", requires_grad=False)
+    # Only q: the soft targets depend on s but are constants by contract (ALBEF computes them under
+    # no_grad), so finite differences in s differ from the gradient by design; the parity tests
+    # check grad_s against the reference, which has the same convention.
+    s0 = s.detach()
+    assert torch.autograd.gradcheck(lambda q: emu.itc_soft_ce(q, q_m, bank, s0, 0.4), (q,), fast_mode=True)
+
+
+def bad_op_calls(ops, device):
+    """(description, callable) pairs that must raise a Python exception, never crash."""
+    f32 = dict(device=device, dtype=torch.float32)
+    a, b, s = torch.randn(8, 4, **f32), torch.randn(8, 4, **f32), torch.ones((), **f32)
+    lse = torch.zeros(8, **f32)
+    g = torch.ones((), **f32)
+    return [
+        ("N mismatch", lambda: ops.info_nce_fwd(a, torch.randn(7, 4, **f32), s, True)),
+        ("D mismatch", lambda: ops.info_nce_fwd(a, torch.randn(8, 5, **f32), s, True)),
+        ("rank 1", lambda: ops.info_nce_fwd(a[0], b[0], s, False)),
+        ("rank 3", lambda: ops.exp_gram_fwd(a[None], 2.0)),
+        ("empty batch", lambda: ops.info_nce_fwd(a[:0], b[:0], s, True)),
+        ("zero width", lambda: ops.exp_gram_fwd(a[:, :0], 2.0)),
+        ("mixed dtypes", lambda: ops.info_nce_fwd(a, b.double(), s, True)),
+        ("integer features", lambda: ops.exp_gram_fwd(a.int(), 2.0)),
+        ("non-contiguous", lambda: ops.info_nce_fwd(a.t(), b.t(), s, True)),
+        ("scale with two elements", lambda: ops.info_nce_fwd(a, b, torch.ones(2, **f32), True)),
+        ("integer scale", lambda: ops.info_nce_fwd(a, b, torch.ones((), device=device, dtype=torch.int64), True)),
+        ("t <= 0", lambda: ops.exp_gram_fwd(a, 0.0)),
+        ("alpha > 1", lambda: ops.itc_fwd(a, b, b, s, 1.5)),
+        ("bank shorter than batch", lambda: ops.itc_fwd(a, b, b[:5], s, 0.4)),
+        ("bank of another width", lambda: ops.itc_fwd(a, b, torch.randn(9, 3, **f32), s, 0.4)),
+        ("lse of the wrong length", lambda: ops.info_nce_bwd(g, a, b, s, lse[:5], lse, True, True)),
+        ("lse of the wrong dtype", lambda: ops.itc_bwd(g, a, b, b, s, lse.double(), lse, 0.4)),
+        ("grad with two elements", lambda: ops.exp_gram_bwd(torch.ones(2, **f32), a, 2.0)),
+    ]
+
+
+@pytest.mark.slow
+def test_emulated_ops_reject_bad_arguments(emu):
+    for what, call in bad_op_calls(emu.ops, "cpu"):
+        with pytest.raises((RuntimeError, ValueError, TypeError)) as info:
+            call()
+        assert "lsr_kernels::" in str(info.value), f"{what}: the message should name the op: {info.value}"
+
+
+@pytest.mark.slow
+def test_emulated_op_error_names_argument_and_shapes(emu):
+    a = torch.randn(8, 4)
+    with pytest.raises(ValueError, match=r"b must have 8 rows like a, got shape \[7, 4\] vs \[8, 4\]"):
+        emu.ops.info_nce_fwd(a, torch.randn(7, 4), torch.ones(()), True)
+
+
+@pytest.mark.slow
+def test_emulated_fake_registrations(emu):
+    a, b = torch.randn(9, 5), torch.randn(9, 5)
+    bank, s = torch.randn(12, 5), torch.tensor(3.0)
+    for op, args in [
+        (emu.ops.info_nce_fwd, (a, b, s, True)),
+        (emu.ops.info_nce_fwd, (a, b, s, False)),
+        (emu.ops.exp_gram_fwd, (a, 2.0)),
+        (emu.ops.itc_fwd, (a, b, bank, s, 0.4)),
+    ]:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    loss, lse_row, lse_col = emu.ops.info_nce_fwd(a, b, s, True)
+    g = torch.ones(())
+    torch.library.opcheck(emu.ops.info_nce_bwd, (g, a, b, s, lse_row, lse_col, True, True),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(emu.ops.exp_gram_bwd, (g, a, 2.0), test_utils=("test_schema", "test_faketensor"))
+    _, lse, lse_m = emu.ops.itc_fwd(a, b, bank, s, 0.4)
+    torch.library.opcheck(emu.ops.itc_bwd, (g, a, b, bank, s, lse, lse_m, 0.4),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.slow
+def test_emulated_primitives_trace_with_torch_compile(emu):
+    a, b = _unit(9, 6, torch.float32, "cpu"), _unit(9, 6, torch.float32, "cpu")
+    s = _scale(5.0, torch.float32, "cpu")
+
+    def loss_fn(a, b, s):
+        return emu.info_nce(a, b, s, True) + 0.1 * emu.exp_gram_sum(a, 2.0)
+
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    out = compiled(a, b, s)
+    ref = loss_fn(a, b, s)
+    assert torch.allclose(out, ref, rtol=1e-6, atol=0)
+    g_out, g_ref = torch.autograd.grad(out, (a, b, s)), torch.autograd.grad(ref, (a, b, s))
+    for x, y in zip(g_out, g_ref):
+        assert torch.allclose(x, y, rtol=1e-6, atol=1e-9)
+
+
+# -------------------------------------------------------------------------------- GPU tests
+@pytest.fixture
+def prims(cuda_device):
+    """The real primitives; builds the extension just in time when it is not installed."""
+    if not cuda_backend.HAS_CUDA_EXT:
+        if SKIP_BUILD:
+            pytest.skip("the extension is not installed and LSR_SKIP_CUDA_BUILD=1")
+        cuda_backend.load_jit()
+    return cuda_backend
+
+
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+GPU_SHAPES = [(1, 1), (1, 64), (37, 33), (67, 7), (257, 40), (131, 1024), (2053, 512)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["ce", "sym"])
+@pytest.mark.parametrize("n,d", GPU_SHAPES)
+def test_gpu_info_nce(prims, cuda_device, n, d, dtype, symmetric):
+    run_info_nce_parity(prims, n, d, dtype, symmetric, cuda_device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=DTYPE_IDS.get)
+def test_gpu_info_nce_large_width(prims, cuda_device, dtype):
+    run_info_nce_parity(prims, 61, 4099, dtype, True, cuda_device)  # 17 / 33 D-chunks, D % 8 != 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("n,d", GPU_SHAPES + [(4099, 16)])  # 4099: more tiles than persistent blocks
+def test_gpu_exp_gram(prims, cuda_device, n, d, dtype):
+    run_exp_gram_parity(prims, n, d, dtype, cuda_device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("n,k,d", [(1, 0, 1), (1, 5, 64), (37, 100, 33), (64, 0, 40), (131, 4096, 1024),
+                                   (509, 1531, 256)])
+def test_gpu_itc(prims, cuda_device, n, k, d, dtype):
+    run_itc_parity(prims, n, k, d, dtype, cuda_device)
+
+
+@pytest.mark.gpu
+def test_gpu_gradcheck_fp64(prims, cuda_device):
+    a, b = _unit(7, 5, torch.float64, cuda_device), _unit(7, 5, torch.float64, cuda_device)
+    s = _scale(3.0, torch.float64, cuda_device)
+    for symmetric in (False, True):
+        assert torch.autograd.gradcheck(lambda a, b, s: prims.info_nce(a, b, s, symmetric), (a, b, s))
+    x = _unit(9, 4, torch.float64, cuda_device)
+    assert torch.autograd.gradcheck(lambda x: prims.exp_gram_sum(x, 2.0), (x,))
+    q = _unit(6, 4, torch.float64, cuda_device)
+    q_m = _unit(6, 4, torch.float64, cuda_device, requires_grad=False)
+    bank = _unit(15, 4, torch.float64, cuda_device, requires_grad=False)
+    s0 = s.detach()  # the soft targets depend on s but are constants by contract: check q only
+    assert torch.autograd.gradcheck(lambda q: prims.itc_soft_ce(q, q_m, bank, s0, 0.4), (q,))
+
+
+@pytest.mark.gpu
+def test_gpu_ops_reject_bad_arguments(prims, cuda_device):
+    ops = torch.ops.lsr_kernels
+    for what, call in bad_op_calls(ops, cuda_device):
+        with pytest.raises((RuntimeError, ValueError, TypeError)) as info:
+            call()
+        assert "lsr_kernels" in str(info.value), f"{what}: {info.value}"
+    a = torch.randn(8, 4, device=cuda_device)
+    with pytest.raises((RuntimeError, ValueError)):  # a CPU operand next to CUDA ones
+        ops.info_nce_fwd(a, a.cpu(), torch.ones((), device=cuda_device), True)
+    torch.cuda.synchronize()  # no asynchronous error (illegal memory access) is pending
+
+
+@pytest.mark.gpu
+def test_gpu_primitives_reject_cpu_tensors(prims, cuda_device):
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="must be a CUDA tensor"):
+        prims.info_nce(x, x, torch.tensor(1.0), True)
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck_and_compile(prims, cuda_device):
+    a, b = _unit(33, 40, torch.bfloat16, cuda_device), _unit(33, 40, torch.bfloat16, cuda_device)
+    s = _scale(10.0, torch.bfloat16, cuda_device)
+    ops = torch.ops.lsr_kernels
+    torch.library.opcheck(ops.info_nce_fwd, (a.detach(), b.detach(), s.detach(), True),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ops.itc_fwd, (a.detach(), b.detach(), b.detach(), s.detach(), 0.4),
+                          test_utils=("test_schema", "test_faketensor"))
+    compiled = torch.compile(lambda a, b, s: prims.info_nce(a, b, s, True), backend="aot_eager", fullgraph=True)
+    out = compiled(a, b, s)
+    ref = prims.info_nce(a, b, s, True)
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_gpu_forward_and_backward_have_no_host_sync(prims, cuda_device, dtype):
+    n, d, k = 1000, 96, 3000
+    a, b = _unit(n, d, dtype, cuda_device), _unit(n, d, dtype, cuda_device)
+    q_m, bank = _unit(n, d, dtype, cuda_device, False), _unit(n + k, d, dtype, cuda_device, False)
+    s = _scale(14.3, dtype, cuda_device)
+    cases = [(lambda: prims.info_nce(a, b, s, True), [a, b, s]),
+             (lambda: prims.info_nce(a, b, s, False), [a, b, s]),
+             (lambda: prims.exp_gram_sum(a, 2.0), [a]),
+             (lambda: prims.itc_soft_ce(a, q_m, bank, s, 0.4), [a, s])]
+    for fn, inputs in cases:
+        fn()  # first call: one-time setup (kernel attributes, module loading) outside the check
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
+        try:
+            torch.autograd.grad(fn(), inputs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_gpu_peak_memory_is_linear(prims, cuda_device):
+    n, d = 16384, 256  # one N x N fp32 matrix would be 1 GiB
+    a, b = _unit(n, d, torch.float32, cuda_device), _unit(n, d, torch.float32, cuda_device)
+    s = _scale(14.3, torch.float32, cuda_device)
+    for fn in (lambda: prims.info_nce(a, b, s, True), lambda: prims.exp_gram_sum(a, 2.0)):
+        a.grad = b.grad = s.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn().backward()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+        assert extra < 4 * n * d * 4 + (8 << 20), f"{extra / 2**20:.1f} MiB extra"  # gradients + O(N) stats
+
+    n, k = 2048, 32768  # the N x (N + K) logits would be 285 MB
+    q, q_m = _unit(n, d, torch.float32, cuda_device), _unit(n, d, torch.float32, cuda_device, False)
+    bank = _unit(n + k, d, torch.float32, cuda_device, False)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    prims.itc_soft_ce(q, q_m, bank, s, 0.4).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 2 * n * d * 4 + (8 << 20), f"{extra / 2**20:.1f} MiB extra"
