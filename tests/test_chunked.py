@@ -6,6 +6,7 @@ against PyTorch's own error, non-contiguous inputs, torch.compile, the block-siz
 memory bound that an N x N buffer cannot meet (measured in a subprocess). The shared parity suite
 (tests/test_parity.py) covers the public API.
 """
+import json
 import os
 import subprocess
 import sys
@@ -399,13 +400,12 @@ _MEMORY_CHILD = textwrap.dedent("""
 def _peak_extra_bytes(*args):
     if not os.path.exists("/proc/self/status"):
         pytest.skip("measures RSS through /proc (Linux)")
-    env = dict(os.environ, **{k: "" for k in (C.BLOCK_ENV,)})
+    env = {**os.environ, C.BLOCK_ENV: ""}  # the automatic tiles, which the bounds assume
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, *map(str, args)], env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    import json
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"]
 
 
