@@ -142,11 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reg", type=_regularisers, default="all",
                    help=f"regularisers: one of {REG_CHOICES} or a comma list such as 'sep,gc'")
     g.add_argument("--sep-weight", type=_positive_float, default=None,
-                   help=f"weight of the separation loss when on (default: the paper's {PAPER_WEIGHTS['sep']})")
+                   help=f"weight of the separation loss when on; None: the paper's {PAPER_WEIGHTS['sep']}")
     g.add_argument("--br-weight", type=_positive_float, default=None,
-                   help=f"weight of the Brownian bridge when on (default: the paper's {PAPER_WEIGHTS['br']})")
+                   help=f"weight of the Brownian bridge when on; None: the paper's {PAPER_WEIGHTS['br']}")
     g.add_argument("--gc-weight", type=_positive_float, default=None,
-                   help=f"weight of geometric consistency when on (default: the paper's {PAPER_WEIGHTS['gc']})")
+                   help=f"weight of geometric consistency when on; None: the paper's {PAPER_WEIGHTS['gc']}")
     g.add_argument("--backend", choices=backends.BACKENDS, default="auto", help="loss backend")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=_positive_int, default=64)
