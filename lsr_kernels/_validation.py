@@ -116,3 +116,30 @@ def require(term: str, named: Dict[str, Optional[Tensor]]) -> None:
     if missing:
         raise ValueError(f"{term} is on but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
                          f"missing (pass {', '.join(missing)}, or set its weight to 0)")
+
+
+def check_lsr_call(features: Dict[str, Optional[Tensor]], logit_scale, sep_weight: float, bridge_weight: float,
+                   gc_weight: float, bridge_t: float, uniformity_t: float):
+    """Every check of :func:`lsr_kernels.lsr_loss` (single-process and distributed alike).
+
+    ``features`` maps the eight feature names to tensors or ``None``, ``image_features`` first.
+    Returns ``((sep_weight, bridge_weight, gc_weight), (bridge_t, uniformity_t), scale)``.
+    """
+    weights = (check_weight("sep_weight", sep_weight), check_weight("bridge_weight", bridge_weight),
+               check_weight("gc_weight", gc_weight))
+    params = (check_open_interval("bridge_t", bridge_t, 0.0, 1.0), check_positive("uniformity_t", uniformity_t))
+    check_features(features)
+    scale = check_scale(logit_scale, features["image_features"])
+    image_aug, text_aug = features["image_aug"], features["text_aug"]
+    # One view without the other would silently drop the in-modal terms: only the bridge uses
+    # image_aug on its own.
+    if (image_aug is None) != (text_aug is None) and not (weights[1] > 0 and text_aug is None):
+        given, missing = ("image_aug", "text_aug") if text_aug is None else ("text_aug", "image_aug")
+        raise ValueError(f"{given} was given without {missing}: the contrastive and geometric terms use "
+                         f"the augmented views as a pair (only the bridge uses image_aug alone)")
+    if weights[0] > 0:
+        require("separation (sep_weight > 0)",
+                {k: features[k] for k in ("image_ind", "text_ind", "image_ind_aug", "text_ind_aug")})
+    if weights[1] > 0:
+        require("the bridge (bridge_weight > 0)", {"image_aug": image_aug})
+    return weights, params, scale

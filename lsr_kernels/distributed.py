@@ -799,11 +799,6 @@ def _lsr(image_features, text_features, logit_scale, *, image_aug=None, text_aug
                                          text_ind, image_ind_aug, text_ind_aug)))
 
     def validate():
-        # The same checks, in the same order, as lsr_kernels.functional.lsr_loss.
-        weights = (V.check_weight("sep_weight", sep_weight), V.check_weight("bridge_weight", bridge_weight),
-                   V.check_weight("gc_weight", gc_weight))
-        checked_t = (V.check_open_interval("bridge_t", bridge_t, 0.0, 1.0),
-                     V.check_positive("uniformity_t", uniformity_t))
         _check_mode(mode)
         if call == "lsr" and local_loss and not gather_with_grad:
             raise ValueError(
@@ -811,17 +806,8 @@ def _lsr(image_features, text_features, logit_scale, *, image_aug=None, text_aug
                 "columns are constants and a feature gets only its own rows' gradient, which is not the "
                 "gradient of the objective (and has no meaning for the uniformity and Gram terms). Use "
                 "gather_with_grad=True (SPEC 5), or ClipLoss for open_clip's exact behaviour")
-        V.check_features(features)
-        scale = V.check_scale(logit_scale, image_features)
-        if (image_aug is None) != (text_aug is None) and not (weights[1] > 0 and text_aug is None):
-            given, missing = ("image_aug", "text_aug") if text_aug is None else ("text_aug", "image_aug")
-            raise ValueError(f"{given} was given without {missing}: the contrastive and geometric terms use "
-                             f"the augmented views as a pair (only the bridge uses image_aug alone)")
-        if weights[0] > 0:
-            V.require("separation (sep_weight > 0)", {"image_ind": image_ind, "text_ind": text_ind,
-                                                       "image_ind_aug": image_ind_aug, "text_ind_aug": text_ind_aug})
-        if weights[1] > 0:
-            V.require("the bridge (bridge_weight > 0)", {"image_aug": image_aug})
+        weights, checked_t, scale = V.check_lsr_call(features, logit_scale, sep_weight, bridge_weight,
+                                                     gc_weight, bridge_t, uniformity_t)
         name = backends.resolve(backend, image_features.device)
         return weights, checked_t, scale, name
 

@@ -59,31 +59,14 @@ def lsr_loss(
         ``"geometric_loss"`` of the terms that are on; 0-dim float32 tensors (float64 for float64
         inputs).
     """
-    sep_weight = V.check_weight("sep_weight", sep_weight)
-    bridge_weight = V.check_weight("bridge_weight", bridge_weight)
-    gc_weight = V.check_weight("gc_weight", gc_weight)
-    bridge_t = V.check_open_interval("bridge_t", bridge_t, 0.0, 1.0)
-    uniformity_t = V.check_positive("uniformity_t", uniformity_t)
     features = {
         "image_features": image_features, "text_features": text_features,
         "image_aug": image_aug, "text_aug": text_aug,
         "image_ind": image_ind, "text_ind": text_ind,
         "image_ind_aug": image_ind_aug, "text_ind_aug": text_ind_aug,
     }
-    V.check_features(features)
-    scale = V.check_scale(logit_scale, image_features)
-    # One view without the other would silently drop the in-modal terms: only the bridge uses
-    # image_aug on its own.
-    if (image_aug is None) != (text_aug is None) and not (bridge_weight > 0 and text_aug is None):
-        given, missing = ("image_aug", "text_aug") if text_aug is None else ("text_aug", "image_aug")
-        raise ValueError(f"{given} was given without {missing}: the contrastive and geometric terms use "
-                         f"the augmented views as a pair (only the bridge uses image_aug alone)")
-    if sep_weight > 0:
-        V.require("separation (sep_weight > 0)", {"image_ind": image_ind, "text_ind": text_ind,
-                                                   "image_ind_aug": image_ind_aug, "text_ind_aug": text_ind_aug})
-    if bridge_weight > 0:
-        V.require("the bridge (bridge_weight > 0)", {"image_aug": image_aug})
-
+    (sep_weight, bridge_weight, gc_weight), (bridge_t, uniformity_t), scale = V.check_lsr_call(
+        features, logit_scale, sep_weight, bridge_weight, gc_weight, bridge_t, uniformity_t)
     args = {k: _contiguous(v) for k, v in features.items()}
     image, text = args.pop("image_features"), args.pop("text_features")
     switches = dict(bridge_t=bridge_t, uniformity_t=uniformity_t)
