@@ -110,6 +110,19 @@ def test_triton_interpreter_matches_reference_on_first_steps(runs, tmp_path):
                         ("loss", "contrastive_loss", "separation_loss", "bridge_loss", "geometric_loss"), "triton")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["chunked", "triton", "cuda"])
+@pytest.mark.parametrize("model", ["clip", "albef"])
+def test_gpu_backends_follow_the_reference_trajectory(cuda_device, tmp_path, model, backend):
+    """The 12-step parity run on the GPU: each fused backend against the reference, same device."""
+    ref_out, out = tmp_path / "reference", tmp_path / backend
+    assert T.main(_argv(model, "reference", ref_out, extra=("--device", "cuda",))) == 0
+    assert T.main(_argv(model, backend, out, extra=("--device", "cuda",))) == 0
+    ref, other = _metrics(ref_out)["history"], _metrics(out)["history"]
+    terms = [k for k in ref[0] if k not in ("step", "lr")]
+    _assert_same_losses(ref, other, terms, f"{model} {backend} on cuda")
+
+
 # --------------------------------------------------------------------------------------- resume
 @pytest.mark.parametrize("model", ["clip", "albef"])
 def test_resume_continues_the_same_trajectory(runs, tmp_path, model):
