@@ -51,6 +51,9 @@ def _worker(rank, world_size, init_file, pg_backend, job, args):
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
         job(rank, world_size, *args)
+        # Tear down together: a rank destroying its gloo group while the other still has collectives
+        # in flight aborted once ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
