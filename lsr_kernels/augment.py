@@ -26,13 +26,18 @@ from .data import split_words
 
 
 def random_resized_crop(images: Tensor, generator: torch.Generator, scale: Tuple[float, float] = (0.5, 1.0),
-                        ratio: Tuple[float, float] = (3 / 4, 4 / 3), hflip_p: float = 0.0) -> Tensor:
+                        ratio: Tuple[float, float] = (3 / 4, 4 / 3), hflip_p: float = 0.0,
+                        shard: Tuple[int, int] = (0, 1)) -> Tensor:
     """Crop a random box of each image and resize it back to the input size; flip it with ``hflip_p``.
 
     The box covers a fraction ``U(scale)`` of the area with aspect ratio ``exp(U(log ratio))`` (a side
     longer than the image is clipped to it), at a uniformly random position inside the image.
     ``images``: ``[B, C, H, W]`` floating; the random numbers are drawn on the CPU from ``generator``
     so the result does not depend on the device.
+
+    ``shard = (index, count)``: ``images`` is part ``index`` of a batch cut into ``count`` equal parts
+    (one rank's rows under data parallelism). The random numbers are drawn for the whole batch and
+    this part's rows kept, so the ranks together crop exactly as one process holding the batch.
     """
     if images.dim() != 4:
         raise ValueError(f"images: expected [B, C, H, W], got shape {tuple(images.shape)}")
@@ -42,8 +47,11 @@ def random_resized_crop(images: Tensor, generator: torch.Generator, scale: Tuple
         raise ValueError(f"ratio: expected 0 < min <= max, got {ratio}")
     if not 0.0 <= hflip_p <= 1.0:
         raise ValueError(f"hflip_p: expected a probability in [0, 1], got {hflip_p}")
+    index, count = shard
+    if not (isinstance(count, int) and isinstance(index, int) and 0 <= index < count):
+        raise ValueError(f"shard: expected (index, count) with 0 <= index < count, got {shard}")
     b = images.shape[0]
-    u = torch.rand(b, 5, generator=generator, dtype=torch.float64)
+    u = torch.rand(b * count, 5, generator=generator, dtype=torch.float64)[index * b:(index + 1) * b]
     area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
     log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
     aspect = torch.exp(log_r)
@@ -67,15 +75,15 @@ def random_resized_crop(images: Tensor, generator: torch.Generator, scale: Tuple
 
 
 class ImageAugment:
-    """``random_resized_crop`` with fixed parameters, called as ``aug(images, generator)``."""
+    """``random_resized_crop`` with fixed parameters, called as ``aug(images, generator[, shard])``."""
 
     def __init__(self, scale: Tuple[float, float] = (0.5, 1.0), ratio: Tuple[float, float] = (3 / 4, 4 / 3),
                  hflip_p: float = 0.0):
         self.scale, self.ratio, self.hflip_p = tuple(scale), tuple(ratio), float(hflip_p)
         random_resized_crop(torch.zeros(1, 1, 2, 2), torch.Generator(), self.scale, self.ratio, self.hflip_p)
 
-    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        return random_resized_crop(images, generator, self.scale, self.ratio, self.hflip_p)
+    def __call__(self, images: Tensor, generator: torch.Generator, shard: Tuple[int, int] = (0, 1)) -> Tensor:
+        return random_resized_crop(images, generator, self.scale, self.ratio, self.hflip_p, shard)
 
     def __repr__(self) -> str:
         return f"ImageAugment(scale={self.scale}, ratio={self.ratio}, hflip_p={self.hflip_p})"

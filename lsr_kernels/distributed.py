@@ -75,6 +75,7 @@ A training script under ``torchrun`` initialises the process group, builds the l
 ``rank=dist.get_rank(), world_size=dist.get_world_size(), local_loss=True, gather_with_grad=True``
 (and ``distributed_mode="ring"`` for very large batches), wraps the model in DDP, and for ALBEF
 enqueues the momentum features with :meth:`lsr_kernels.FeatureQueue.enqueue_gathered`.
+:mod:`lsr_kernels.train` (``torchrun ... -m lsr_kernels.train``) is such a script.
 """
 from __future__ import annotations
 

@@ -41,6 +41,13 @@ class _DistributedArgs(nn.Module):
         #: ``None``: the default group. Not a submodule or buffer: it is process state.
         self.process_group = process_group
 
+    def distributed_settings(self) -> dict:
+        """The constructor arguments that place this loss on the ranks (and its backend), so a second
+        loss can be built the same way: ``ITCLoss(alpha=0.4, **lsr.distributed_settings())``."""
+        return dict(backend=self.backend, local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
+                    rank=self.rank, world_size=self.world_size, distributed_mode=self.distributed_mode,
+                    process_group=self.process_group)
+
     def _distributed_kwargs(self) -> dict:
         return dict(backend=self.backend, group=self.process_group, local_loss=self.local_loss,
                     gather_with_grad=self.gather_with_grad, world_size=self.world_size, rank=self.rank)

@@ -6,6 +6,15 @@
     lsr-train --csv pairs.tsv --csv-img-key filepath --csv-caption-key title --image-size 32
     lsr-train --resume runs/clip-all --steps 600   # continue the same trajectory
 
+Data parallel: ``torchrun --nproc_per_node W -m lsr_kernels.train ...`` (or ``torchrun --nproc_per_node W
+$(which lsr-train) ...``) trains one model on ``W`` processes with DDP (NCCL on CUDA, one GPU per local
+rank; gloo on CPU). ``--batch-size`` stays the *global* batch; each rank takes its ``1/W`` of the same
+rows one process would take, the augmentations are drawn for the global batch, and the losses are
+built with ``local_loss=True, gather_with_grad=True``, so CLIP's per-step losses and updates are those of
+one process with the same global batch (up to float rounding). ALBEF's ITC, queues and regularisers
+are global too; its ITM hard negatives and MLM masks are drawn per rank, as ALBEF does. Rank 0
+evaluates, logs and writes the output folder.
+
 Every step's randomness (batch order, augmentations, MLM masks, hard negatives) is derived from
 ``(seed, step)``, so a run resumed from a checkpoint repeats exactly the steps the uninterrupted run
 would have taken. Output in ``--out``: ``metrics.json`` (configuration, per-step history, evaluations),
@@ -26,22 +35,26 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import math
 import os
 import random
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch import Tensor
+import torch.distributed as dist
+from torch import Tensor, nn
 
 from . import backends
 from .augment import CaptionAugment, ImageAugment, synonym_words
 from .data import (PairedData, WordTokenizer, batch_indices, load_csv_pairs, load_digits_pairs, mix_seed,
                    split_pairs, MASK_ID, CLS_ID, EOS_ID, NUM_SPECIAL_TOKENS, PAD_ID)
+from . import distributed as lsr_distributed
 from .models import build_model
 from .modules import LSRLoss
 
@@ -148,14 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gc-weight", type=_positive_float, default=None,
                    help=f"weight of geometric consistency when on; None: the paper's {PAPER_WEIGHTS['gc']}")
     g.add_argument("--backend", choices=backends.BACKENDS, default="auto", help="loss backend")
+    g.add_argument("--distributed-mode", choices=lsr_distributed.MODES, default="gather",
+                   help="under torchrun: how the contrastive terms see the other ranks' features "
+                        "('ring' keeps per-rank memory O(local batch x D); see lsr_kernels.distributed)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=_positive_int, default=64)
+    g.add_argument("--batch-size", type=_positive_int, default=64,
+                   help="global batch (under torchrun: split evenly over the ranks)")
     g.add_argument("--steps", type=_positive_int, default=300, help="total optimiser steps (of the whole run)")
     g.add_argument("--lr", type=_positive_float, default=1e-3, help="peak AdamW learning rate")
     g.add_argument("--weight-decay", type=_non_negative_float, default=0.1)
     g.add_argument("--warmup", type=_non_negative_int, default=20, help="linear warm-up steps before the cosine decay")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
+    g.add_argument("--device", default="auto",
+                   help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...; under torchrun 'cuda' "
+                        "means the local rank's GPU")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="output folder (default: runs/<model>-<reg>, or the --resume folder)")
     g.add_argument("--eval-every", type=_non_negative_int, default=100, help="evaluate every N steps (0: only at the end)")
@@ -398,13 +417,87 @@ def load_checkpoint(path: str) -> dict:
 
 
 # -------------------------------------------------------------------------------------- training
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: Optional[int] = None) -> torch.device:
+    """``--device`` as a device; ``local_rank`` (under torchrun) picks the GPU of ``auto`` / ``cuda``."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is None and local_rank is not None:
+        device = torch.device("cuda", local_rank)
     return device
+
+
+@dataclass
+class Ranks:
+    """Where this process stands in a data-parallel run (``world == 1``: a single process)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    #: Whether :func:`join_process_group` created the process group (and so destroys it).
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, rows: Tensor) -> Tensor:
+        """This rank's contiguous ``1/world`` of a global batch's ``rows``."""
+        n = rows.shape[0] // self.world
+        return rows[self.rank * n:(self.rank + 1) * n]
+
+
+def join_process_group(device_name: str) -> Ranks:
+    """The run's ranks: from an initialised default process group, else from torchrun's environment
+    (``WORLD_SIZE`` > 1: the group is initialised here, NCCL for CUDA devices and gloo otherwise),
+    else a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    if not dist.is_available():
+        raise InputError(f"WORLD_SIZE={world} but this torch build has no torch.distributed")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=True)
+
+
+class TrainingObjective(nn.Module):
+    """``model.losses`` as ``forward``: DDP's gradient hooks only see calls of a module's forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs) -> Dict[str, Tensor]:
+        return self.model.losses(*args, **kwargs)
+
+
+def wrap_data_parallel(model: nn.Module, ranks: Ranks, device: torch.device) -> nn.Module:
+    """The module a step calls: ``model.losses`` directly, or under DDP when ``ranks.world > 1``.
+
+    ``static_graph``: the parameters a step uses are the same every step, but not all of them (the
+    separation heads are idle when that regulariser is off), which DDP then handles without a graph
+    search per step. ``broadcast_buffers=False``: the only buffers (ALBEF's queues) are kept
+    identical on every rank by the gathered enqueue; rank 0's copy need not be sent each step.
+    """
+    objective = TrainingObjective(model)
+    if ranks.world == 1:
+        return objective
+    from torch.nn.parallel import DistributedDataParallel
+
+    # torch >= 2.14 renamed broadcast_buffers (deprecated there) to forward_sync_buffers.
+    no_buffer_sync = ({"forward_sync_buffers": False}
+                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                      else {"broadcast_buffers": False})
+    return DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                                   static_graph=True, **no_buffer_sync)
 
 
 def _step_streams(seed: int, step: int):
@@ -418,15 +511,30 @@ def train(args: argparse.Namespace, *, stop_after: Optional[int] = None, log=pri
 
     ``stop_after``: stop after this many steps of *this call* (checkpoint written), as a pre-empted
     job would; ``--resume`` then continues the same trajectory.
+
+    Under torchrun (or in a process whose default group is initialised) this is one rank of a
+    data-parallel run (module docstring); ranks other than 0 return the per-step history only.
     """
+    ranks = join_process_group(args.device)
+    try:
+        return _train(args, ranks, stop_after=stop_after, log=log if ranks.is_main else (lambda *a, **k: None))
+    finally:
+        if ranks.owns_group:
+            dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, ranks: Ranks, *, stop_after: Optional[int], log) -> dict:
     started = time.time()
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, ranks.local_rank if ranks.world > 1 else None)
     out_dir = args.out or os.path.join("runs", f"{args.model}-{args.reg.replace(',', '+')}")
     weights = regulariser_weights(args)
     try:  # every user-input problem surfaces here, before anything is trained
         train_data, held_out = load_data(args)
         if args.batch_size > len(train_data):
             raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(train_data)} training pairs")
+        if args.batch_size % ranks.world or args.batch_size // ranks.world < 2:
+            raise ValueError(f"--batch-size {args.batch_size} (the global batch) must split into {ranks.world} "
+                             f"equal rank batches of at least 2 rows")
         backend = backends.resolve(args.backend, device)
         resume_state = load_checkpoint(checkpoint_path(args.resume)) if args.resume else None
         if resume_state is not None and resume_state["step"] > args.steps:
@@ -447,7 +555,11 @@ def train(args: argparse.Namespace, *, stop_after: Optional[int] = None, log=pri
         config = model_config(args, tokenizer.vocab_size, train_data.images.shape[1])
     model = build_model(args.model, **config).to(device)
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
-    lsr = LSRLoss(sep_weight=weights["sep"], bridge_weight=weights["br"], gc_weight=weights["gc"], backend=args.backend)
+    placement = {} if ranks.world == 1 else dict(
+        rank=ranks.rank, world_size=ranks.world, local_loss=True, gather_with_grad=True,
+        distributed_mode=args.distributed_mode)
+    lsr = LSRLoss(sep_weight=weights["sep"], bridge_weight=weights["br"], gc_weight=weights["gc"], backend=args.backend,
+                  **placement)
     history: List[dict] = []
     evals: List[dict] = []
     start = 0
@@ -463,17 +575,21 @@ def train(args: argparse.Namespace, *, stop_after: Optional[int] = None, log=pri
     views = args.model == "clip" and any(w > 0 for w in weights.values())
     steps_per_epoch = len(train_data) // args.batch_size
     save_every = args.eval_every if args.save_every is None else args.save_every
-    os.makedirs(out_dir, exist_ok=True)
+    if ranks.is_main:
+        os.makedirs(out_dir, exist_ok=True)
     ckpt_file = os.path.join(out_dir, CHECKPOINT_NAME)
+    step_fn = wrap_data_parallel(model, ranks, device)
 
     def checkpoint(step: int) -> None:
+        if not ranks.is_main:
+            return
         save_checkpoint(ckpt_file, {
             "format": CHECKPOINT_FORMAT, "args": vars(args).copy(), "model_family": args.model,
             "model_config": config, "tokenizer": tokenizer.state_dict(), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "step": step, "history": history, "evals": evals,
             "rng": _rng_states()})
 
-    def run_eval(step: int) -> dict:
+    def run_eval(step: int) -> dict:  # rank 0 only
         result = {"step": step, **evaluate(model, held_out, tokenizer, device)}
         evals.append(result)
         return result
@@ -481,6 +597,15 @@ def train(args: argparse.Namespace, *, stop_after: Optional[int] = None, log=pri
     pending: List[dict] = []  # this step's detached tensors; turned into floats in batches (fewer syncs)
 
     def flush() -> None:
+        if ranks.world > 1 and pending:
+            # Each rank's terms are its shares (local_loss=True); their mean over ranks is the global
+            # value. One all-reduce per flush, on every rank alike (flushes happen at the same steps).
+            keys = [k for k, v in pending[0].items() if isinstance(v, Tensor)]
+            table = torch.stack([torch.stack([e[k].float() for k in keys]) for e in pending])
+            dist.all_reduce(table)
+            table = (table / ranks.world).tolist()
+            for entry, values in zip(pending, table):
+                entry.update(zip(keys, values))
         for entry in pending:
             row = {k: (v.item() if isinstance(v, Tensor) else v) for k, v in entry.items()}
             if not math.isfinite(row["loss"]):
@@ -489,36 +614,43 @@ def train(args: argparse.Namespace, *, stop_after: Optional[int] = None, log=pri
             history.append(row)
         pending.clear()
 
+    placed = "" if ranks.world == 1 else f" x {ranks.world} ranks (DDP, {args.distributed_mode})"
     log(f"{args.model} | reg {args.reg} {_weights_text(weights)} | backend {args.backend} -> {backend} | "
-        f"{len(train_data)} train / {len(held_out)} held-out pairs ({train_data.source}) | device {device} | "
+        f"{len(train_data)} train / {len(held_out)} held-out pairs ({train_data.source}) | device {device}{placed} | "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters | out {out_dir}")
     end = args.steps if stop_after is None else min(args.steps, start + stop_after)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=args.steps, initial=start, disable=args.no_progress, desc=f"{args.model}/{args.reg}",
+    bar = tqdm(total=args.steps, initial=start, disable=args.no_progress or not ranks.is_main,
+               desc=f"{args.model}/{args.reg}",
                dynamic_ncols=True)
     model.train()
     for step in range(start, end):
         lr = learning_rate(step, args.steps, args.lr, args.warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        rows = batch_indices(len(train_data), args.batch_size, args.seed, step)
+        global_rows = batch_indices(len(train_data), args.batch_size, args.seed, step)
+        rows = ranks.shard(global_rows)
+        shard = (ranks.rank, ranks.world)
         generator, text_rng = _step_streams(args.seed, step)
         images = train_data.images[rows].to(device, non_blocking=True)
         captions = [train_data.captions[i] for i in rows.tolist()]
         text = tokenizer(captions).to(device, non_blocking=True)
         if args.model == "clip":
             if views:
-                images_aug = image_aug(images, generator)
-                text_aug = tokenizer(caption_aug(captions, text_rng) if caption_aug else captions).to(device)
-                terms = model.losses(images, text, lsr, images_aug, text_aug)
+                images_aug = image_aug(images, generator, shard)
+                if caption_aug:  # drawn for the global batch (a few microseconds a caption), then sharded
+                    all_captions = [train_data.captions[i] for i in global_rows.tolist()]
+                    captions = list(ranks.shard(np.array(caption_aug(all_captions, text_rng), dtype=object)))
+                text_aug = tokenizer(captions).to(device)
+                terms = step_fn(images, text, lsr, images_aug, text_aug)
             else:
-                terms = model.losses(images, text, lsr)
+                terms = step_fn(images, text, lsr)
         else:
             # ALBEF trains on augmented images; the distillation weight ramps up over the first epoch.
             alpha = model.config.alpha * min(1.0, step / steps_per_epoch)
-            terms = model.losses(image_aug(images, generator), text, lsr, generator=generator,
-                                 pair_ids=train_data.labels[rows], alpha=alpha)
+            terms = step_fn(image_aug(images, generator, shard), text, lsr, generator=generator,
+                            pair_ids=train_data.labels[rows], alpha=alpha)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()
@@ -532,14 +664,17 @@ def train(args: argparse.Namespace, *, stop_after: Optional[int] = None, log=pri
             bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
         if args.eval_every and done % args.eval_every == 0 and done != args.steps:
             flush()
-            result = run_eval(done)
-            bar.write(f"step {done}: " + _metrics_text(result))
+            if ranks.is_main:
+                result = run_eval(done)
+                bar.write(f"step {done}: " + _metrics_text(result))
         if save_every and done % save_every == 0 and done != end:
             flush()
             checkpoint(done)
     bar.close()
     flush()
     final_step = history[-1]["step"] if history else start
+    if not ranks.is_main:
+        return {"rank": ranks.rank, "world_size": ranks.world, "steps": final_step, "history": history}
     if not evals or evals[-1]["step"] != final_step:
         run_eval(final_step)
     checkpoint(final_step)
@@ -547,7 +682,8 @@ def train(args: argparse.Namespace, *, stop_after: Optional[int] = None, log=pri
     final = evals[-1]
     metrics = {
         "model": args.model, "reg": args.reg, "weights": weights, "backend": args.backend,
-        "backend_resolved": backend, "device": str(device), "steps": final_step, "target_steps": args.steps,
+        "backend_resolved": backend, "device": str(device), "world_size": ranks.world,
+        "steps": final_step, "target_steps": args.steps,
         "final_loss": history[-1]["loss"] if history else None,
         "final_terms": {k: v for k, v in history[-1].items() if k not in ("step", "lr")} if history else {},
         "zero_shot_acc": final["zero_shot_acc"], "retrieval_r1": final["retrieval_r1"],
@@ -660,10 +796,16 @@ def _pct(value: Optional[float]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        if args.compare:
-            compare(args)
-        else:
-            train(args)
+        # Under torchrun the process group lives for the whole command (every --compare run shares it).
+        ranks = join_process_group(args.device)
+        try:
+            if args.compare:
+                compare(args)
+            else:
+                train(args)
+        finally:
+            if ranks.owns_group:
+                dist.destroy_process_group()
     except InputError as err:  # bad data or configuration found before training: one clear line
         print(f"lsr-train: error: {err}", file=sys.stderr)
         return 2

@@ -18,10 +18,16 @@
 
 Randomness (masking, hard negatives) is drawn on the CPU from an explicit ``torch.Generator`` and
 moved to the device, so a run is reproducible across devices and a resumed run repeats it exactly.
+
+Data parallel (``lsr_loss`` an :class:`lsr_kernels.LSRLoss` with ``world_size > 1``): ITC contrasts
+each rank's rows with every rank's momentum features and the queues, and the queues take every
+rank's momentum features in rank order, so ITC and the regularisers are those of the global batch.
+ITM and MLM stay per rank, as in ALBEF: hard negatives are drawn from the rank's own rows.
 """
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -30,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..functional import itc_loss
-from ..modules import FeatureQueue
+from ..modules import FeatureQueue, ITCLoss
 from .common import Block, Projection, TextTransformer, VisionTransformer, check_positive_ints, init_weights, padding_mask
 
 #: The regulariser terms of :func:`lsr_kernels.lsr_loss` and the LSRLoss attribute holding each weight.
@@ -227,10 +233,16 @@ class ALBEF(nn.Module):
 
         # ---- ITC (SPEC 2.6). The queues are cloned: they are updated in place below.
         out: Dict[str, Tensor] = {}
-        out["itc_loss"] = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, scale,
-                                   image_queue=self.image_queue.features.clone(),
-                                   text_queue=self.text_queue.features.clone(), alpha=alpha,
-                                   backend=getattr(lsr_loss, "backend", "auto"))
+        # Distributed (an LSRLoss with world_size > 1): ITC takes the same placement, so the bank holds
+        # every rank's momentum features, and the queues enqueue all of them (ALBEF's concat_all_gather).
+        world = getattr(lsr_loss, "world_size", 1)
+        if world > 1:
+            itc = ITCLoss(alpha=alpha, **lsr_loss.distributed_settings())
+        else:
+            itc = functools.partial(itc_loss, alpha=alpha, backend=getattr(lsr_loss, "backend", "auto"))
+        out["itc_loss"] = itc(image_feat, text_feat, image_feat_m, text_feat_m, scale,
+                              image_queue=self.image_queue.features.clone(),
+                              text_queue=self.text_queue.features.clone())
 
         # ---- LSR regularisers on the unimodal features, momentum features as the views.
         regulariser = image_feat.new_zeros(())
@@ -275,8 +287,11 @@ class ALBEF(nn.Module):
 
         out["loss"] = out["itc_loss"] + out["itm_loss"] + out["mlm_loss"] + regulariser
         out["logit_scale"] = scale.detach()
-        self.image_queue.enqueue(image_feat_m)
-        self.text_queue.enqueue(text_feat_m)
+        if world > 1:
+            itc.dequeue_and_enqueue(self.image_queue, self.text_queue, image_feat_m, text_feat_m)
+        else:
+            self.image_queue.enqueue(image_feat_m)
+            self.text_queue.enqueue(text_feat_m)
         return out
 
 
