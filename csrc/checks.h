@@ -101,6 +101,15 @@ inline at::Tensor scalar_arg(const at::Tensor& x, const at::Tensor& like, const 
   return x.reshape({1}).to(acc_type(like.scalar_type())).contiguous();
 }
 
+// info_nce's shapes: symmetric needs a square X (b like a, offset 0); one-way, b has M >= N rows and
+// the positives sit at columns offset .. offset + N - 1.
+inline void check_offset(const at::Tensor& a, const at::Tensor& b, bool symmetric, int64_t offset, const char* op) {
+  const int64_t n = a.size(0), m = b.size(0);
+  TORCH_CHECK_VALUE(!symmetric || offset == 0, op, ": symmetric needs offset 0, got offset ", offset);
+  TORCH_CHECK_VALUE(offset >= 0 && offset <= m - n, op, ": offset must lie in [0, M - N] = [0, ", m - n,
+                    "] for a of shape ", a.sizes(), " and b of shape ", b.sizes(), ", got ", offset);
+}
+
 // Saved statistics: [n] contiguous vectors of the accumulation type on `like`'s device.
 inline void check_stats(const at::Tensor& x, const at::Tensor& like, int64_t n, const char* op, const char* name) {
   CHECK_SAME_DEVICE(op, name, x, like);

@@ -11,18 +11,21 @@ constexpr const char* kFwd = "lsr_kernels::info_nce_fwd";
 constexpr const char* kBwd = "lsr_kernels::info_nce_bwd";
 
 // a:      [N, D]  fp32 / fp64 / fp16 / bf16, CUDA, contiguous
-// b:      [N, D]  same dtype and device as a
+// b:      [N, D]  same dtype and device as a; one-way: [M, D] with M >= N
 // scale:  one element (any floating dtype), the already-exponentiated logit scale s
+// offset: one-way, the positive of row i is column offset + i (0 <= offset <= M - N); 0 when symmetric
 // returns loss [] (acc), lse_row [N] (acc), lse_col [N] (acc; [0] when not symmetric)
 //         acc = float32 (float64 for fp64 inputs)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_fwd(const at::Tensor& a, const at::Tensor& b,
-                                                            const at::Tensor& scale, bool symmetric) {
+                                                            const at::Tensor& scale, bool symmetric,
+                                                            int64_t offset) {
   check_features(a, kFwd, "a");
-  check_like(b, a, a.size(0), kFwd, "b", "a");
+  check_like(b, a, symmetric ? a.size(0) : -1, kFwd, "b", "a");
+  check_offset(a, b, symmetric, offset, kFwd);
   DeviceScope device_scope(a);
   check_arch(a, kFwd);
   const at::Tensor s = scalar_arg(scale, a, kFwd, "scale");
-  const int64_t n = a.size(0), d = a.size(1);
+  const int64_t n = a.size(0), m = b.size(0), d = a.size(1);
   const auto acc_opts = a.options().dtype(acc_type(a.scalar_type()));
   const cudaStream_t stream = current_stream();
   const int max_smem = max_smem_optin();
@@ -45,7 +48,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_fwd(const at::Tensor& a,
   p.b = b.data_ptr();
   p.scale = s.data_ptr();
   p.n = static_cast<int>(n);
+  p.m = static_cast<int>(m);
   p.d = static_cast<int>(d);
+  p.pos_off = static_cast<int>(offset);
   p.vec = can_vectorize({a, b}, d);
   p.fused_columns = fused;
   p.lse_row = lse_row.data_ptr();
@@ -78,18 +83,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_fwd(const at::Tensor& a,
 }
 
 // grad_loss:  one element, the upstream gradient of the loss
-// a, b:       [N, D] as in the forward;  scale: one element
+// a, b:       [N, D] and [N, D] or [M, D] as in the forward;  scale: one element;  offset as the forward
 // lse_row:    [N] acc;  lse_col: [N] acc when symmetric (ignored otherwise)
-// returns grad_a [N, D], grad_b [N, D] ([0] unless compute_grad_b), grad_scale [] (acc)
+// returns grad_a [N, D], grad_b like b ([0] unless compute_grad_b), grad_scale [] (acc)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_bwd(const at::Tensor& grad_loss, const at::Tensor& a,
                                                             const at::Tensor& b, const at::Tensor& scale,
                                                             const at::Tensor& lse_row, const at::Tensor& lse_col,
-                                                            bool symmetric, bool compute_grad_b) {
+                                                            bool symmetric, bool compute_grad_b, int64_t offset) {
   check_features(a, kBwd, "a");
-  check_like(b, a, a.size(0), kBwd, "b", "a");
+  check_like(b, a, symmetric ? a.size(0) : -1, kBwd, "b", "a");
+  check_offset(a, b, symmetric, offset, kBwd);
   DeviceScope device_scope(a);
   check_arch(a, kBwd);
-  const int64_t n = a.size(0), d = a.size(1);
+  const int64_t n = a.size(0), m = b.size(0), d = a.size(1);
   check_stats(lse_row, a, n, kBwd, "lse_row");
   if (symmetric) check_stats(lse_col, a, n, kBwd, "lse_col");
   const at::Tensor s = scalar_arg(scale, a, kBwd, "scale");
@@ -113,7 +119,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_bwd(const at::Tensor& gr
   p.scale = s.data_ptr();
   p.grad = g.data_ptr();
   p.n = static_cast<int>(n);
+  p.m = static_cast<int>(m);
   p.d = static_cast<int>(d);
+  p.pos_off = static_cast<int>(offset);
   p.vec = vec;
   p.use_row = true;
   p.use_col = symmetric;
@@ -127,9 +135,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_bwd(const at::Tensor& gr
     // grad_b is the left-operand gradient of the transposed problem: X^T = s b a^T, whose row
     // statistics are lse_col and column statistics lse_row.
     grad_b = at::empty_like(b);
+    // Row j of b is the positive of row j - offset of a (rows outside a's range have none).
     InfoNceBwdParams q = p;
     q.a = b.data_ptr();
     q.b = a.data_ptr();
+    q.n = static_cast<int>(m);
+    q.m = static_cast<int>(n);
+    q.pos_off = -static_cast<int>(offset);
     q.lse_a = symmetric ? lse_col.data_ptr() : lse_row.data_ptr();  // read only when symmetric
     q.lse_b = lse_row.data_ptr();
     q.use_row = symmetric;
@@ -146,10 +158,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_bwd(const at::Tensor& gr
 }  // namespace lsr
 
 LSR_LIBRARY_FRAGMENT(LSR_OPS_NAMESPACE, m) {
-  m.def("info_nce_fwd(Tensor a, Tensor b, Tensor scale, bool symmetric) -> (Tensor, Tensor, Tensor)");
+  m.def("info_nce_fwd(Tensor a, Tensor b, Tensor scale, bool symmetric, int offset) -> (Tensor, Tensor, Tensor)");
   m.def(
       "info_nce_bwd(Tensor grad_loss, Tensor a, Tensor b, Tensor scale, Tensor lse_row, Tensor lse_col, "
-      "bool symmetric, bool compute_grad_b) -> (Tensor, Tensor, Tensor)");
+      "bool symmetric, bool compute_grad_b, int offset) -> (Tensor, Tensor, Tensor)");
 }
 
 LSR_LIBRARY_IMPL(LSR_OPS_NAMESPACE, LSR_DISPATCH_KEY, m) {

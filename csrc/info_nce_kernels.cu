@@ -1,4 +1,6 @@
 // Fused InfoNCE (SPEC 2.1 / 2.2): CE(X) and (CE(X) + CE(X^T)) / 2 for X = s a b^T, never writing X.
+// One-way, b may have m >= n rows with the positive of row i at column i + pos_off (one rank's rows
+// against every rank's columns); below, "X[i, i]" means that positive.
 //
 // Forward, one pass over the tiles of X (a block owns BM rows of a and walks over all column tiles):
 //   row statistics   lse_row[i] = logsumexp_j X[i, j]   online max / sum per row, kept in registers;
@@ -75,7 +77,7 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_fwd_kernel
 
   const T* a = static_cast<const T*>(p.a);
   const T* b = static_cast<const T*>(p.b);
-  const int N = p.n, D = p.d;
+  const int N = p.n, M = p.m, D = p.d;
   const int r0 = blockIdx.x * K::BM;
   const int a_rows = min(K::BM, N - r0);
   const acc_t s = *static_cast<const acc_t*>(p.scale);
@@ -95,8 +97,8 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_fwd_kernel
 
   const T* a_ops[1] = {a + static_cast<int64_t>(r0) * D};
   acc_t* s_ops[1] = {S};
-  for (int c0 = 0; c0 < N; c0 += K::BN) {
-    const int b_rows = min(K::BN, N - c0);
+  for (int c0 = 0; c0 < M; c0 += K::BN) {
+    const int b_rows = min(K::BN, M - c0);
     K::Gemm::run(a_ops, a_rows, b + static_cast<int64_t>(c0) * D, b_rows, D, p.vec, gemm_smem, s_ops, K::LDS);
     __syncthreads();
 
@@ -115,7 +117,7 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_fwd_kernel
         const acc_t new_m = max_acc(run_m[rd], tile_m);
         run_l[rd] = run_l[rd] * exp_acc<kFast>(run_m[rd] - new_m) + tile_l * exp_acc<kFast>(tile_m - new_m);
         run_m[rd] = new_m;
-        const int dc = r0 + row - c0;  // the diagonal entry's column in this tile, if it is here
+        const int dc = r0 + row + p.pos_off - c0;  // the positive's column in this tile, if it is here
         if (dc >= 0 && dc < b_rows) diag[rd] = srow[dc];
       }
     } else {
@@ -182,7 +184,7 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_bwd_kernel
   const T* B = static_cast<const T*>(p.b);
   const acc_t* lse_a = static_cast<const acc_t*>(p.lse_a);
   const acc_t* lse_b = static_cast<const acc_t*>(p.lse_b);
-  const int N = p.n, D = p.d;
+  const int N = p.n, M = p.m, D = p.d;
   const int r0 = blockIdx.x * K::BM;
   const int a_rows = min(K::BM, N - r0);
   const int d0 = blockIdx.y * K::Gemm2::DC;
@@ -196,8 +198,8 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_bwd_kernel
 
   const T* a_ops[1] = {A + static_cast<int64_t>(r0) * D};
   acc_t* s_ops[1] = {S};
-  for (int c0 = 0; c0 < N; c0 += K::BN) {
-    const int b_rows = min(K::BN, N - c0);
+  for (int c0 = 0; c0 < M; c0 += K::BN) {
+    const int b_rows = min(K::BN, M - c0);
     const T* b_blk = B + static_cast<int64_t>(c0) * D;
     gemm2.prefetch(b_blk, b_rows, d0, D, p.vec);  // B[c0:c0+BN, d0:d0+DC], overlapped with the S tile
     K::Gemm1::run(a_ops, a_rows, b_blk, b_rows, D, p.vec, gemm1_smem, s_ops, K::LDS);
@@ -211,7 +213,7 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_bwd_kernel
         const acc_t x = s * sv;
         if (USE_ROW) h += exp_acc<kFast>(x - lse_r);
         if (USE_COL) h += exp_acc<kFast>(x - lse_b[c0 + c]);
-        if (r0 + row == c0 + c) h -= acc_t(int(USE_ROW) + int(USE_COL));
+        if (r0 + row + p.pos_off == c0 + c) h -= acc_t(int(USE_ROW) + int(USE_COL));
       }
       ds_acc += h * sv;
       gemm2.sH[row * K::Gemm2::LDH + c] = Convert<T>::from(h * kH);

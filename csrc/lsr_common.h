@@ -18,13 +18,14 @@ enum class DType : int { kFloat32, kFloat64, kFloat16, kBFloat16 };
 struct InfoNceFwdParams {
   DType dtype;
   const void* a;        // [n, d]
-  const void* b;        // [n, d]
+  const void* b;        // [m, d] (m == n when fused_columns)
   const void* scale;    // [1] acc
-  int n, d;
+  int n, m, d;
+  int pos_off;          // the positive of row i is column i + pos_off (0 <= pos_off <= m - n)
   bool vec;             // 16-byte cp.async loads are legal (fp16/bf16, d % 8 == 0, aligned)
   bool fused_columns;   // also reduce the column statistics in the same pass (not for fp64)
   void* lse_row;        // [n] acc: logsumexp_j X[i, j]
-  void* row_term;       // [n] acc: lse_row[i] - X[i, i]
+  void* row_term;       // [n] acc: lse_row[i] - X[i, i + pos_off]
   void* diag;           // [n] acc: S[i, i] = <a_i, b_i> (written when fused_columns)
   unsigned long long* col_stats;  // [n] packed fp32 (running max, running sum) per column
 };
@@ -39,17 +40,19 @@ struct InfoNceColFinalizeParams {
 };
 
 // dA for the rows of A against all rows of B, X = s A B^T:
-//   H[r, c] = use_row * exp(X[r, c] - lse_a[r]) + use_col * exp(X[r, c] - lse_b[c]) - (use_row + use_col) [r == c]
+//   H[r, c] = use_row * exp(X[r, c] - lse_a[r]) + use_col * exp(X[r, c] - lse_b[c])
+//             - (use_row + use_col) [c == r + pos_off]
 //   grad_a = g * inv_norm * s * H B,   ds_partial[block] = sum over the block's tiles of H * S.
 struct InfoNceBwdParams {
   DType dtype;
   const void* a;        // [n, d]
-  const void* b;        // [n, d]
+  const void* b;        // [m, d]
   const void* lse_a;    // [n] acc (read when use_row)
-  const void* lse_b;    // [n] acc (read when use_col)
+  const void* lse_b;    // [m] acc (read when use_col)
   const void* scale;    // [1] acc
   const void* grad;     // [1] acc: upstream gradient of the loss
-  int n, d;
+  int n, m, d;
+  int pos_off;          // the positive of row r is column r + pos_off (none when outside [0, m))
   bool vec;
   bool use_row, use_col;
   double inv_norm;      // 1 / (number of CE terms * n)

@@ -143,3 +143,22 @@ def check_lsr_call(features: Dict[str, Optional[Tensor]], logit_scale, sep_weigh
     if weights[1] > 0:
         require("the bridge (bridge_weight > 0)", {"image_aug": image_aug})
     return weights, params, scale
+
+
+def check_info_nce_operands(a: Tensor, b: Tensor, symmetric: bool, offset) -> int:
+    """The shapes of the ``info_nce`` primitive (contract in :mod:`lsr_kernels.backends`): ``a``
+    ``[N, D]``; ``b`` ``[N, D]`` when ``symmetric``, else ``[M, D]`` with ``M >= N`` and the positives
+    at columns ``offset .. offset + N - 1``. Returns ``offset`` as an int."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"info_nce: a and b must be [N, D] and [M, D] matrices of one width, "
+                         f"got a {tuple(a.shape)}, b {tuple(b.shape)}")
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"offset: expected an int, got {type(offset).__name__}")
+    n, m = a.shape[0], b.shape[0]
+    if symmetric and (m != n or offset != 0):
+        raise ValueError(f"info_nce: symmetric needs a square X (b [N, D] like a, offset 0), got a {tuple(a.shape)}, "
+                         f"b {tuple(b.shape)}, offset {offset}")
+    if not 0 <= offset <= m - n:
+        raise ValueError(f"offset: expected 0 <= offset <= M - N = {m - n} (a {tuple(a.shape)}, b {tuple(b.shape)}), "
+                         f"got {offset}")
+    return offset

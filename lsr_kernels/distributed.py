@@ -58,11 +58,14 @@ Two ways to see the columns (``mode``):
   momentum features carry no gradient and the queue already holds ``K`` rows on every rank).
 
 Backends: ``"reference"`` in gather mode gathers with autograd and materialises the ``n x N`` local
-logits (the oracle of the tests). Every other backend, and ring mode, runs the contrastive and
-uniformity terms through this module's blockwise engine (pure PyTorch matmuls over tiles, fp32
-statistics), because the backend primitives are square (``[N, D] x [N, D]``) and these terms are
-rectangular with the positives at an offset; ITC uses the backend's own ``itc_soft_ce`` (positives
-first, by rotating the gathered bank: a column permutation does not change a softmax).
+logits (the oracle of the tests). The fast backends in gather mode run each contrastive pair as the
+backend's fused ``info_nce`` of the ``n`` local rows against the ``N`` gathered columns with the
+positives at offset ``r n`` (the primitive's rectangular form), so on a GPU the Triton or CUDA kernels
+do the work, with O(n) saved statistics; its column gradient flows back through the gather's
+reduce-scatter. The uniformity terms (a rectangular exp-Gram sum), and every term in ring mode, run
+through this module's blockwise engine (PyTorch matmuls over tiles, fp32 statistics). ITC uses the
+backend's own ``itc_soft_ce`` (positives first, by rotating the gathered bank: a column permutation
+does not change a softmax).
 
 Bad setups raise on every rank, never hang: before any other collective, every rank all-gathers a
 small signature of its call (which loss, each input's presence, rows, width, dtype and
@@ -646,6 +649,31 @@ def _row_terms(setup: _Setup, pairs: Sequence[Tuple[str, str, str, float]], name
     """The rank-local values of ``pairs`` (names into ``named``); see :class:`_RowTerms`."""
     if setup.backend == "reference" and not setup.ring:
         return [_reference_row_term(setup, pair, named, scale) for pair in pairs]
+    if setup.ring:
+        return _engine_row_terms(setup, pairs, named, scale)
+    # Gather mode, fast backend: each nce pair is the backend's fused info_nce of the local rows
+    # against the gathered columns (positives at offset r n); the gram pairs take the engine.
+    nce = [pair for pair in pairs if pair[0] == "nce"]
+    gram = [pair for pair in pairs if pair[0] == "gram"]
+    columns = _gather_columns(setup, named, list(dict.fromkeys(col for _, _, col, _ in nce)))
+    info_nce = backends.primitives(setup.backend).info_nce
+    values = {pair: info_nce(named[pair[1]], columns[pair[2]], scale, False, setup.rank * named[pair[1]].shape[0])
+              for pair in nce}
+    if gram:
+        values.update(zip(gram, _engine_row_terms(setup, gram, named, scale)))
+    return [values[pair] for pair in pairs]
+
+
+def _gather_columns(setup: _Setup, named: Dict[str, Tensor], cols: Sequence[str]) -> Dict[str, Tensor]:
+    """Every rank's rows of each named column tensor, ``[W n, D]`` in rank order (with autograd when
+    the columns carry gradient: the backward reduce-scatters it to the owners). One all-gather per
+    tensor, so each arrives contiguous, as the fused kernels read it, without a second copy."""
+    return {name: gather_features(named[name], setup.group, with_grad=setup.column_grad) for name in cols}
+
+
+def _engine_row_terms(setup: _Setup, pairs: Sequence[Tuple[str, str, str, float]], named: Dict[str, Tensor],
+                      scale: Tensor) -> List[Tensor]:
+    """``pairs`` through the blockwise engine (:class:`_RowTerms`), in one gather or ring pass."""
     names = list(dict.fromkeys(name for _, row, col, _ in pairs for name in (row, col)))
     index = {name: k for k, name in enumerate(names)}
     spec = _RowTermSpec(setup.group, setup.world, setup.rank, setup.ring,

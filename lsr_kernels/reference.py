@@ -196,11 +196,13 @@ def lsr_terms(
 
 
 # ------------------------------------------------------------------ primitives (backend contract)
-def info_nce(a: Tensor, b: Tensor, scale: Tensor, symmetric: bool) -> Tensor:
-    """``CE(s a b^T)``, or ``(CE(s a b^T) + CE(s b a^T)) / 2`` when ``symmetric``."""
+def info_nce(a: Tensor, b: Tensor, scale: Tensor, symmetric: bool, offset: int = 0) -> Tensor:
+    """``CE(s a b^T)``, or ``(CE(s a b^T) + CE(s b a^T)) / 2`` when ``symmetric``. One-way, ``b`` may
+    have ``M >= N`` rows with the positive of row ``i`` at column ``offset + i``."""
     logits = _logits(a, b, scale)
     if not symmetric:
-        return cross_entropy_diag(logits)
+        labels = torch.arange(a.shape[0], device=a.device) + offset
+        return F.cross_entropy(logits, labels)
     return (cross_entropy_diag(logits) + cross_entropy_diag(logits.T)) / 2
 
 

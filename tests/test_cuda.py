@@ -180,7 +180,7 @@ def test_extension_compiles_for_sm90_and_loads(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, f"JIT build failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-    assert "lsr_kernels::info_nce_fwd(Tensor a, Tensor b, Tensor scale, bool symmetric)" in proc.stdout
+    assert "lsr_kernels::info_nce_fwd(Tensor a, Tensor b, Tensor scale, bool symmetric, int offset)" in proc.stdout
     assert "lsr_kernels::itc_bwd(" in proc.stdout
     assert list(tmp_path.glob("*.so")), "no shared library in the build directory"
 
@@ -261,6 +261,17 @@ def test_emulated_itc_edges(emu, dtype, n, k, d, alpha):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=DTYPE_IDS.get)
+def test_emulated_info_nce_rectangular_offset(emu, dtype):
+    """One rank's rows against every rank's columns (M > N, positives at an offset): the offset
+    straddles a 128-column tile, and the grad_b launch runs over two row blocks of b."""
+    a, b = _unit(20, 32, dtype, "cpu"), _unit(150, 32, dtype, "cpu")
+    s = _scale(8.0, dtype, "cpu")
+    _compare(lambda a, b, s: emu.info_nce(a, b, s, False, 120), lambda a, b, s: R.info_nce(a, b, s, False, 120),
+             [a, b, s], dtype, "info_nce rectangular offset")
+
+
+@pytest.mark.slow
 def test_emulated_non_contiguous_inputs(emu):
     a = _unit(24, 40, torch.float32, "cpu", requires_grad=False)[:, ::2].requires_grad_()  # stride 2 along D
     b = _unit(20, 24, torch.float32, "cpu", requires_grad=False).t().requires_grad_()    # transposed
@@ -296,22 +307,26 @@ def bad_op_calls(ops, device):
     lse = torch.zeros(8, **f32)
     g = torch.ones((), **f32)
     return [
-        ("N mismatch", lambda: ops.info_nce_fwd(a, torch.randn(7, 4, **f32), s, True)),
-        ("D mismatch", lambda: ops.info_nce_fwd(a, torch.randn(8, 5, **f32), s, True)),
-        ("rank 1", lambda: ops.info_nce_fwd(a[0], b[0], s, False)),
+        ("N mismatch", lambda: ops.info_nce_fwd(a, torch.randn(7, 4, **f32), s, True, 0)),
+        ("D mismatch", lambda: ops.info_nce_fwd(a, torch.randn(8, 5, **f32), s, True, 0)),
+        ("rank 1", lambda: ops.info_nce_fwd(a[0], b[0], s, False, 0)),
         ("rank 3", lambda: ops.exp_gram_fwd(a[None], 2.0)),
-        ("empty batch", lambda: ops.info_nce_fwd(a[:0], b[:0], s, True)),
+        ("empty batch", lambda: ops.info_nce_fwd(a[:0], b[:0], s, True, 0)),
         ("zero width", lambda: ops.exp_gram_fwd(a[:, :0], 2.0)),
-        ("mixed dtypes", lambda: ops.info_nce_fwd(a, b.double(), s, True)),
+        ("mixed dtypes", lambda: ops.info_nce_fwd(a, b.double(), s, True, 0)),
         ("integer features", lambda: ops.exp_gram_fwd(a.int(), 2.0)),
-        ("non-contiguous", lambda: ops.info_nce_fwd(a.t(), b.t(), s, True)),
-        ("scale with two elements", lambda: ops.info_nce_fwd(a, b, torch.ones(2, **f32), True)),
-        ("integer scale", lambda: ops.info_nce_fwd(a, b, torch.ones((), device=device, dtype=torch.int64), True)),
+        ("non-contiguous", lambda: ops.info_nce_fwd(a.t(), b.t(), s, True, 0)),
+        ("scale with two elements", lambda: ops.info_nce_fwd(a, b, torch.ones(2, **f32), True, 0)),
+        ("integer scale", lambda: ops.info_nce_fwd(a, b, torch.ones((), device=device, dtype=torch.int64), True, 0)),
         ("t <= 0", lambda: ops.exp_gram_fwd(a, 0.0)),
         ("alpha > 1", lambda: ops.itc_fwd(a, b, b, s, 1.5)),
         ("bank shorter than batch", lambda: ops.itc_fwd(a, b, b[:5], s, 0.4)),
         ("bank of another width", lambda: ops.itc_fwd(a, b, torch.randn(9, 3, **f32), s, 0.4)),
-        ("lse of the wrong length", lambda: ops.info_nce_bwd(g, a, b, s, lse[:5], lse, True, True)),
+        ("symmetric with a rectangular b", lambda: ops.info_nce_fwd(a, torch.randn(9, 4, **f32), s, True, 0)),
+        ("offset past the columns", lambda: ops.info_nce_fwd(a, torch.randn(9, 4, **f32), s, False, 2)),
+        ("negative offset", lambda: ops.info_nce_fwd(a, b, s, False, -1)),
+        ("fewer columns than rows", lambda: ops.info_nce_fwd(a, b[:5], s, False, 0)),
+        ("lse of the wrong length", lambda: ops.info_nce_bwd(g, a, b, s, lse[:5], lse, True, True, 0)),
         ("lse of the wrong dtype", lambda: ops.itc_bwd(g, a, b, b, s, lse.double(), lse, 0.4)),
         ("grad with two elements", lambda: ops.exp_gram_bwd(torch.ones(2, **f32), a, 2.0)),
     ]
@@ -329,7 +344,7 @@ def test_emulated_ops_reject_bad_arguments(emu):
 def test_emulated_op_error_names_argument_and_shapes(emu):
     a = torch.randn(8, 4)
     with pytest.raises(ValueError, match=r"b must have 8 rows like a, got shape \[7, 4\] vs \[8, 4\]"):
-        emu.ops.info_nce_fwd(a, torch.randn(7, 4), torch.ones(()), True)
+        emu.ops.info_nce_fwd(a, torch.randn(7, 4), torch.ones(()), True, 0)
 
 
 @pytest.mark.slow
@@ -337,15 +352,16 @@ def test_emulated_fake_registrations(emu):
     a, b = torch.randn(9, 5), torch.randn(9, 5)
     bank, s = torch.randn(12, 5), torch.tensor(3.0)
     for op, args in [
-        (emu.ops.info_nce_fwd, (a, b, s, True)),
-        (emu.ops.info_nce_fwd, (a, b, s, False)),
+        (emu.ops.info_nce_fwd, (a, b, s, True, 0)),
+        (emu.ops.info_nce_fwd, (a, b, s, False, 0)),
+        (emu.ops.info_nce_fwd, (a, bank, s, False, 2)),
         (emu.ops.exp_gram_fwd, (a, 2.0)),
         (emu.ops.itc_fwd, (a, b, bank, s, 0.4)),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
-    loss, lse_row, lse_col = emu.ops.info_nce_fwd(a, b, s, True)
+    loss, lse_row, lse_col = emu.ops.info_nce_fwd(a, b, s, True, 0)
     g = torch.ones(())
-    torch.library.opcheck(emu.ops.info_nce_bwd, (g, a, b, s, lse_row, lse_col, True, True),
+    torch.library.opcheck(emu.ops.info_nce_bwd, (g, a, b, s, lse_row, lse_col, True, True, 0),
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(emu.ops.exp_gram_bwd, (g, a, 2.0), test_utils=("test_schema", "test_faketensor"))
     _, lse, lse_m = emu.ops.itc_fwd(a, b, bank, s, 0.4)
@@ -438,7 +454,7 @@ def test_gpu_ops_reject_bad_arguments(prims, cuda_device):
         assert "lsr_kernels" in str(info.value), f"{what}: {info.value}"
     a = torch.randn(8, 4, device=cuda_device)
     with pytest.raises((RuntimeError, ValueError)):  # a CPU operand next to CUDA ones
-        ops.info_nce_fwd(a, a.cpu(), torch.ones((), device=cuda_device), True)
+        ops.info_nce_fwd(a, a.cpu(), torch.ones((), device=cuda_device), True, 0)
     torch.cuda.synchronize()  # no asynchronous error (illegal memory access) is pending
 
 
@@ -454,7 +470,7 @@ def test_gpu_opcheck_and_compile(prims, cuda_device):
     a, b = _unit(33, 40, torch.bfloat16, cuda_device), _unit(33, 40, torch.bfloat16, cuda_device)
     s = _scale(10.0, torch.bfloat16, cuda_device)
     ops = torch.ops.lsr_kernels
-    torch.library.opcheck(ops.info_nce_fwd, (a.detach(), b.detach(), s.detach(), True),
+    torch.library.opcheck(ops.info_nce_fwd, (a.detach(), b.detach(), s.detach(), True, 0),
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(ops.itc_fwd, (a.detach(), b.detach(), b.detach(), s.detach(), 0.4),
                           test_utils=("test_schema", "test_faketensor"))

@@ -446,6 +446,21 @@ def test_lsr_every_term_every_flag_and_mode_four_processes():
     _run(_job_lsr, 4)
 
 
+def _job_triton_gather(rank, world):
+    # The fused primitive's rectangular form (Triton, here under its interpreter) for the contrastive
+    # pairs in gather mode; float32, every term on, both gradient flag sets that carry column gradients.
+    for local_loss, gather_with_grad in ((True, True), (False, False)):
+        _lsr_case(rank, world, torch.device("cpu"), backend="triton", mode="gather", local_loss=local_loss,
+                  gather_with_grad=gather_with_grad, dtype=torch.float32, n=5, d=6)
+
+
+@pytest.mark.slow
+def test_triton_interpreter_backend_in_gather_mode_two_processes():
+    if not backend_available("triton") or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton under TRITON_INTERPRET=1")
+    _run(_job_triton_gather, 2)
+
+
 def test_bad_setups_raise_on_every_rank_two_processes():
     _run(_job_bad_setups, 2)
 

@@ -124,6 +124,35 @@ def test_info_nce_primitive(case, symmetric, n, d):
         assert rel_err(g, h) < 1e-4
 
 
+@pytest.mark.parametrize("n,m,offset,d", [(1, 1, 0, 3), (5, 12, 3, 8), (17, 68, 51, 33), (16, 40, 0, 16),
+                                          (3, 50, 24, 7)])
+def test_info_nce_primitive_rectangular(case, n, m, offset, d):
+    """One rank's rows against every rank's columns: ``b`` ``[M, D]``, the positives at ``offset``
+    (first block, last block, straddling a tile border)."""
+    name, device, _ = case
+    prims = backends.primitives(name)
+    a, b = unit_rows(n, d, device=device), unit_rows(m, d, device=device)
+    s = torch.tensor(20.0, device=device, requires_grad=True)
+    ours, ref = prims.info_nce(a, b, s, False, offset), R.info_nce(a, b, s, False, offset)
+    assert ours.dtype == torch.float32 and ours.dim() == 0
+    assert rel_err(ours, ref) < 2e-5
+    for g, h in zip(grads(ours, [a, b, s]), grads(ref, [a, b, s])):
+        assert rel_err(g, h) < 1e-4
+
+
+@pytest.mark.parametrize("m, offset, symmetric, message", [
+    (9, 2, False, r"offset: expected 0 <= offset <= M - N = 1"),
+    (8, -1, False, r"offset: expected 0 <= offset <= M - N = 0"),
+    (5, 0, False, r"offset: expected 0 <= offset <= M - N = -3"),
+    (9, 0, True, r"symmetric needs a square X"),
+])
+def test_info_nce_primitive_rejects_bad_offsets(case, m, offset, symmetric, message):
+    name, device, _ = case
+    a, b = unit_rows(8, 4, device=device), unit_rows(m, 4, device=device)
+    with pytest.raises(ValueError, match=message):
+        backends.primitives(name).info_nce(a, b, torch.tensor(2.0, device=device), symmetric, offset)
+
+
 @pytest.mark.parametrize("n,d,t", [(1, 3, 2.0), (17, 33, 2.0), (23, 5, 0.5)])
 def test_exp_gram_sum_primitive(case, n, d, t):
     name, device, _ = case

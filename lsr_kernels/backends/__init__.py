@@ -9,10 +9,13 @@ Primitive contract (every fast backend, every dtype fp32/fp16/bf16; inputs alrea
 contiguous; ``scale`` is a 0-dim floating tensor on the features' device that may require grad;
 the returned loss is a 0-dim **float32** tensor; gradients come back in each input's own dtype):
 
-``info_nce(a, b, scale, symmetric) -> Tensor``
+``info_nce(a, b, scale, symmetric, offset=0) -> Tensor``
     ``a``, ``b``: ``[N, D]``. With ``X = scale * a @ b.T``:
     ``symmetric=False``: ``CE(X)``; ``symmetric=True``: ``(CE(X) + CE(X.T)) / 2``,
     where ``CE(X) = mean_i -log softmax(X)[i, i]``. Gradients for ``a``, ``b`` and ``scale``.
+    ``symmetric=False`` also takes a rectangular ``b``: ``[M, D]`` with ``M >= N``, the positive of
+    row ``i`` at column ``offset + i`` (``0 <= offset <= M - N``): ``mean_i -log softmax(X_i)[offset + i]``.
+    That is one rank's rows against every rank's gathered columns (:mod:`lsr_kernels.distributed`).
 
 ``exp_gram_sum(x, t) -> Tensor``
     ``x``: ``[N, D]``, ``t``: python float > 0.

@@ -46,6 +46,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import _validation as V
+
 __all__ = ["default_block_size", "info_nce", "exp_gram_sum", "itc_soft_ce"]
 
 #: Environment variable that overrides the rows per tile of every call without ``block_size``.
@@ -191,8 +193,8 @@ def _refuse_double_backward(primitive: str) -> None:
 # ------------------------------------------------------------------------------------- info_nce
 class _InfoNCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, scale: Tensor, symmetric: bool, block: int) -> Tensor:
-        n = a.shape[0]
+    def forward(ctx, a: Tensor, b: Tensor, scale: Tensor, symmetric: bool, offset: int, block: int) -> Tensor:
+        n, m = a.shape[0], b.shape[0]  # m == n when symmetric
         wide = _wide_dtype(a.dtype)
         dev = a.device
         s = _scale_as(scale, wide)
@@ -200,16 +202,16 @@ class _InfoNCE(torch.autograd.Function):
         positives = torch.empty(n, dtype=wide, device=dev)
         col_lse = torch.full((n,), float("-inf"), dtype=wide, device=dev) if symmetric else None
 
-        logits_buf = torch.empty(block * n, dtype=wide, device=dev)
-        scratch_buf = torch.empty(block * n, dtype=wide, device=dev)
-        lp_buf = torch.empty(block * n, dtype=a.dtype, device=dev) if a.dtype != wide else None
+        logits_buf = torch.empty(block * m, dtype=wide, device=dev)
+        scratch_buf = torch.empty(block * m, dtype=wide, device=dev)
+        lp_buf = torch.empty(block * m, dtype=a.dtype, device=dev) if a.dtype != wide else None
         b_t = b.T
         for i0 in range(0, n, block):
             i1 = min(i0 + block, n)
             rows = i1 - i0
-            logits = _logits(a[i0:i1], b_t, s, _tile(logits_buf, rows, n), lp_buf)
-            positives[i0:i1] = logits.diagonal(offset=i0)
-            row_lse[i0:i1] = _logsumexp(logits, 1, _tile(scratch_buf, rows, n))
+            logits = _logits(a[i0:i1], b_t, s, _tile(logits_buf, rows, m), lp_buf)
+            positives[i0:i1] = logits.diagonal(offset=offset + i0)
+            row_lse[i0:i1] = _logsumexp(logits, 1, _tile(scratch_buf, rows, m))
             if symmetric:  # the column direction from the same tile, merged over blocks
                 col_lse = torch.logaddexp(col_lse, _logsumexp_(logits, 0))
 
@@ -217,7 +219,7 @@ class _InfoNCE(torch.autograd.Function):
         if symmetric:
             loss = (loss + (col_lse - positives).mean()) / 2
         ctx.save_for_backward(a, b, scale, row_lse, col_lse)
-        ctx.symmetric, ctx.block = symmetric, block
+        ctx.symmetric, ctx.offset, ctx.block = symmetric, offset, block
         return loss
 
     @staticmethod
@@ -226,9 +228,9 @@ class _InfoNCE(torch.autograd.Function):
         a, b, scale, row_lse, col_lse = ctx.saved_tensors
         need_a, need_b, need_scale = ctx.needs_input_grad[:3]
         if not (need_a or need_b or need_scale):
-            return None, None, None, None, None
-        symmetric, block = ctx.symmetric, ctx.block
-        n = a.shape[0]
+            return None, None, None, None, None, None
+        symmetric, offset, block = ctx.symmetric, ctx.offset, ctx.block
+        n, m = a.shape[0], b.shape[0]
         wide = _wide_dtype(a.dtype)
         dev = a.device
         s = _scale_as(scale, wide)
@@ -245,10 +247,10 @@ class _InfoNCE(torch.autograd.Function):
         grad_b = torch.zeros(b.shape, dtype=wide, device=dev) if need_b else None
         scale_acc = torch.zeros((), dtype=wide, device=dev) if scale_by_tile else None
 
-        logits_buf = torch.empty(block * n, dtype=wide, device=dev)
-        tile_buf = torch.empty(block * n, dtype=wide, device=dev)
-        extra_buf = torch.empty(block * n, dtype=wide, device=dev) if scale_by_tile else None
-        lp_buf = torch.empty(block * n, dtype=a.dtype, device=dev) if low_precision else None
+        logits_buf = torch.empty(block * m, dtype=wide, device=dev)
+        tile_buf = torch.empty(block * m, dtype=wide, device=dev)
+        extra_buf = torch.empty(block * m, dtype=wide, device=dev) if scale_by_tile else None
+        lp_buf = torch.empty(block * m, dtype=a.dtype, device=dev) if low_precision else None
         grad_b_part = torch.empty(b.shape, dtype=a.dtype, device=dev) if need_b and low_precision else None
         b_t = b.T
         diag_count = 2.0 if symmetric else 1.0
@@ -256,15 +258,15 @@ class _InfoNCE(torch.autograd.Function):
             i1 = min(i0 + block, n)
             rows = i1 - i0
             a_blk = a[i0:i1]
-            logits = _logits(a_blk, b_t, s, _tile(logits_buf, rows, n), lp_buf)
+            logits = _logits(a_blk, b_t, s, _tile(logits_buf, rows, m), lp_buf)
             # tile = H = exp(X - r_i) (+ exp(X - c_j)) - (1 or 2) on the positives
-            tile = _exp_(torch.sub(logits, row_lse[i0:i1, None], out=_tile(tile_buf, rows, n)))
+            tile = _exp_(torch.sub(logits, row_lse[i0:i1, None], out=_tile(tile_buf, rows, m)))
             if symmetric:
-                col_part = logits if not scale_by_tile else _tile(extra_buf, rows, n).copy_(logits)
+                col_part = logits if not scale_by_tile else _tile(extra_buf, rows, m).copy_(logits)
                 tile.add_(_exp_(col_part.sub_(col_lse[None, :])))
-            tile.diagonal(offset=i0).sub_(diag_count)
+            tile.diagonal(offset=offset + i0).sub_(diag_count)
             if scale_by_tile:
-                scale_acc += torch.mul(tile, logits, out=_tile(extra_buf, rows, n)).sum()
+                scale_acc += torch.mul(tile, logits, out=_tile(extra_buf, rows, m)).sum()
             if not (need_a or need_b):
                 continue
             operand = _narrow_for_matmul(tile.mul_(grad_weight), lp_buf)
@@ -287,17 +289,18 @@ class _InfoNCE(torch.autograd.Function):
             grad_scale = grad_scale.to(scale.dtype).reshape(scale.shape)
         if grad_b is not None:
             grad_b = grad_b.to(b.dtype)
-        return grad_a, grad_b, grad_scale, None, None
+        return grad_a, grad_b, grad_scale, None, None, None
 
 
 @torch.compiler.disable
-def info_nce(a: Tensor, b: Tensor, scale: Tensor, symmetric: bool, *, block_size: Optional[int] = None) -> Tensor:
-    """``CE(s a b^T)``, or ``(CE(s a b^T) + CE(s b a^T)) / 2`` when ``symmetric`` (contract in
-    :mod:`lsr_kernels.backends`), in row blocks of ``block_size`` with O(N) saved statistics."""
-    if a.dim() != 2 or a.shape != b.shape:
-        raise ValueError(f"info_nce: a and b must be the same [N, D] shape, got a {tuple(a.shape)}, b {tuple(b.shape)}")
-    block = _rows_per_block(block_size, a.shape[0], a.shape[0], a.shape[1], a.device)
-    return _InfoNCE.apply(a, b, scale, bool(symmetric), block)
+def info_nce(a: Tensor, b: Tensor, scale: Tensor, symmetric: bool, offset: int = 0, *,
+             block_size: Optional[int] = None) -> Tensor:
+    """``CE(s a b^T)``, or ``(CE(s a b^T) + CE(s b a^T)) / 2`` when ``symmetric``; one-way with a
+    rectangular ``b`` and the positives at ``offset`` (contract in :mod:`lsr_kernels.backends`), in
+    row blocks of ``block_size`` with O(N) saved statistics."""
+    offset = V.check_info_nce_operands(a, b, symmetric, offset)
+    block = _rows_per_block(block_size, a.shape[0], b.shape[0], a.shape[1], a.device)
+    return _InfoNCE.apply(a, b, scale, bool(symmetric), offset, block)
 
 
 # --------------------------------------------------------------------------------- exp_gram_sum

@@ -37,6 +37,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
+from .. import _validation as V
+
 #: ``csrc/`` of a source checkout (the JIT build compiles from there).
 CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
 
@@ -113,13 +115,13 @@ def _register_fakes(namespace: str) -> None:
     lib = f"{namespace}::"
 
     @torch.library.register_fake(lib + "info_nce_fwd")
-    def _info_nce_fwd(a, b, scale, symmetric):
+    def _info_nce_fwd(a, b, scale, symmetric, offset):
         n = a.shape[0]
         return (a.new_empty((), dtype=_acc(a)), a.new_empty((n,), dtype=_acc(a)),
                 a.new_empty((n if symmetric else 0,), dtype=_acc(a)))
 
     @torch.library.register_fake(lib + "info_nce_bwd")
-    def _info_nce_bwd(grad_loss, a, b, scale, lse_row, lse_col, symmetric, compute_grad_b):
+    def _info_nce_bwd(grad_loss, a, b, scale, lse_row, lse_col, symmetric, compute_grad_b, offset):
         grad_b = torch.empty_like(b) if compute_grad_b else a.new_empty((0,))
         return torch.empty_like(a), grad_b, a.new_empty((), dtype=_acc(a))
 
@@ -152,10 +154,10 @@ def _make_primitives(ops) -> SimpleNamespace:
 
     class InfoNCE(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, a, b, scale, symmetric):
-            loss, lse_row, lse_col = ops.info_nce_fwd(a, b, scale, symmetric)
+        def forward(ctx, a, b, scale, symmetric, offset):
+            loss, lse_row, lse_col = ops.info_nce_fwd(a, b, scale, symmetric, offset)
             ctx.save_for_backward(a, b, scale, lse_row, lse_col)
-            ctx.symmetric = symmetric
+            ctx.symmetric, ctx.offset = symmetric, offset
             return loss
 
         @staticmethod
@@ -163,11 +165,11 @@ def _make_primitives(ops) -> SimpleNamespace:
             a, b, scale, lse_row, lse_col = ctx.saved_tensors
             need_a, need_b, need_s = ctx.needs_input_grad[:3]
             if not (need_a or need_b or need_s):
-                return None, None, None, None
+                return None, None, None, None, None
             grad_a, grad_b, grad_s = ops.info_nce_bwd(grad_loss, a, b, scale, lse_row, lse_col,
-                                                      ctx.symmetric, need_b)
+                                                      ctx.symmetric, need_b, ctx.offset)
             return (grad_a if need_a else None, grad_b if need_b else None,
-                    _scale_grad(grad_s, scale) if need_s else None, None)
+                    _scale_grad(grad_s, scale) if need_s else None, None, None)
 
     class ExpGramSum(torch.autograd.Function):
         @staticmethod
@@ -201,8 +203,8 @@ def _make_primitives(ops) -> SimpleNamespace:
             # The soft targets and the bank are constants (ALBEF computes them under no_grad).
             return (grad_q if need_q else None, None, None, _scale_grad(grad_s, scale) if need_s else None, None)
 
-    def info_nce(a: Tensor, b: Tensor, scale: Tensor, symmetric: bool) -> Tensor:
-        return InfoNCE.apply(a.contiguous(), b.contiguous(), scale, bool(symmetric))
+    def info_nce(a: Tensor, b: Tensor, scale: Tensor, symmetric: bool, offset: int = 0) -> Tensor:
+        return InfoNCE.apply(a.contiguous(), b.contiguous(), scale, bool(symmetric), int(offset))
 
     def exp_gram_sum(x: Tensor, t: float) -> Tensor:
         return ExpGramSum.apply(x.contiguous(), float(t))
@@ -236,11 +238,13 @@ def _require_cuda(**tensors: Tensor) -> None:
             raise ValueError(f"backend='cuda': {name} must be a CUDA tensor, got {got}")
 
 
-def info_nce(a: Tensor, b: Tensor, scale: Tensor, symmetric: bool) -> Tensor:
-    """``CE(s a b^T)``, or ``(CE(s a b^T) + CE(s b a^T)) / 2`` when ``symmetric`` (see backends/__init__)."""
+def info_nce(a: Tensor, b: Tensor, scale: Tensor, symmetric: bool, offset: int = 0) -> Tensor:
+    """``CE(s a b^T)``, or ``(CE(s a b^T) + CE(s b a^T)) / 2`` when ``symmetric``; one-way with a
+    rectangular ``b`` and the positives at ``offset`` (see backends/__init__)."""
     _require_extension()
     _require_cuda(a=a, b=b, scale=scale)
-    return _primitives().info_nce(a, b, scale, symmetric)
+    offset = V.check_info_nce_operands(a, b, symmetric, offset)
+    return _primitives().info_nce(a, b, scale, symmetric, offset)
 
 
 def exp_gram_sum(x: Tensor, t: float) -> Tensor:

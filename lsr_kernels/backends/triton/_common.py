@@ -79,11 +79,11 @@ def _similarity_tiles(q_ptr, q2_ptr, k_ptr, rows, cols, row_mask, col_mask, D,
                      mask=d_mask[:, None] & col_mask[None, :], other=0.0)
         q = tl.load(q_ptr + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                     mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        s = tl.dot(q, kt, s, input_precision=DOT_PRECISION)
+        s = tl.dot(q, kt, s, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         if WITH_SECOND:
             q2 = tl.load(q2_ptr + rows[:, None] * stride_q2n + offs_d[None, :] * stride_q2d,
                          mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-            s2 = tl.dot(q2, kt, s2, input_precision=DOT_PRECISION)
+            s2 = tl.dot(q2, kt, s2, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     return s, s2
 
 

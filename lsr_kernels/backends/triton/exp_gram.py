@@ -127,10 +127,10 @@ def _exp_gram_bwd_kernel(
         x_out = tl.load(X_ptr + cols[:, None] * stride_xn + outs[None, :] * stride_xd,
                         mask=col_mask[:, None] & out_mask[None, :], other=0.0)
         e_hi = e.to(x_out.dtype)
-        acc = tl.dot(e_hi, x_out, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(e_hi, x_out, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         if SPLIT_PRODUCT:
             e_lo = (e - e_hi.to(ACC_DTYPE)).to(x_out.dtype)
-            acc = tl.dot(e_lo, x_out, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(e_lo, x_out, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
     x_rows = tl.load(X_ptr + rows[:, None] * stride_xn + outs[None, :] * stride_xd,
                      mask=row_mask[:, None] & out_mask[None, :], other=0.0)

@@ -3,8 +3,10 @@
 What is computed (SPEC.md 2.1, 2.2, 2.6; the contract is in ``lsr_kernels/backends/__init__.py``),
 with ``X = s q k^T`` and ``CE(X) = mean_i (LSE_j X_ij - X_ii)``:
 
-``info_nce(a, b, s, symmetric)``
+``info_nce(a, b, s, symmetric, offset)``
     ``q = a, k = b``: ``CE(X)``; symmetric: ``(CE(X) + CE(X^T)) / 2``, the column LSE of the same tiles.
+    One-way, ``b`` may have ``M >= N`` rows with the positive of row ``i`` at column ``offset + i``
+    (one rank's rows against every rank's columns); the kernels take it as ``pos_off``.
 ``itc_soft_ce(q, q_m, bank, s, alpha)``
     ``k = bank`` (``M >= N`` rows, the first ``N`` are the positives), ``Xm = s q_m bank^T``:
     ``mean_i [LSE_j X_ij - alpha sum_j softmax(Xm)_ij X_ij - (1 - alpha) X_ii]`` (each target row
@@ -40,6 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ... import _validation as V
 from ._common import (LN2, LOG2E_C, NEG_BIG, _similarity_tiles, acc_dtype, check_matrix,
                       check_same, check_scale, kernel_dtypes, launch, merge_partial_lse2,
                       padded_width, plan_backward, plan_forward, prune_configs)
@@ -75,8 +78,8 @@ def _softmax_ce_fwd_kernel(
     row_max_ptr, row_sum_ptr,                  # [splits, N] partial row statistics
     soft_max_ptr, soft_sum_ptr, soft_dot_ptr,  # [splits, N] momentum-row statistics, sum Pm t (HAS_SOFT)
     col_max_ptr, col_sum_ptr,                  # [groups, M] partial column statistics (HAS_COL)
-    diag_ptr,                                  # [N] t_ii = s log2(e) <q_i, k_i>
-    N, M, D,
+    diag_ptr,                                  # [N] t_ii = s log2(e) <q_i, k_(i + pos_off)>
+    N, M, D, pos_off,                          # the positive of row i is column i + pos_off
     stride_qn, stride_qd, stride_qmn, stride_qmd, stride_kn, stride_kd,
     rows_per_group, cols_per_split,
     D_PADDED: tl.constexpr, HAS_SOFT: tl.constexpr, HAS_COL: tl.constexpr,
@@ -113,10 +116,13 @@ def _softmax_ce_fwd_kernel(
                                       HAS_SOFT, BLOCK_M, BLOCK_N, BLOCK_K, ACC_DTYPE, DOT_PRECISION)
             valid = row_mask[:, None] & col_mask[None, :]
             t = tl.where(valid, s * scale_log2, NEG_BIG)
-            if (n0 < m0 + BLOCK_M) & (m0 < n0 + BLOCK_N):
+            if (n0 < m0 + pos_off + BLOCK_M) & (m0 + pos_off < n0 + BLOCK_N):
                 # the positives t_ii, taken from the very tile values the statistics see, so
                 # LSE_i - t_ii is exactly 0 when the positive is the only term
-                diag += tl.sum(tl.where(rows[:, None] == cols[None, :], t, 0.0), 1)
+                # (int32 tile-local indices and one scalar shift: no extra int64 vectors in registers)
+                shift = (m0 + pos_off - n0).to(tl.int32)
+                hit = tl.arange(0, BLOCK_M)[:, None] + shift == tl.arange(0, BLOCK_N)[None, :]
+                diag += tl.sum(tl.where(hit, t, 0.0), 1)
             # online log-sum-exp along the row
             m_new = tl.maximum(m_i, tl.max(t, 1))
             l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(t - m_new[:, None]), 1)
@@ -150,8 +156,9 @@ def _softmax_ce_fwd_kernel(
             tl.store(soft_max_ptr + row_off, mm_i, mask=row_mask)
             tl.store(soft_sum_ptr + row_off, lm_i, mask=row_mask)
             tl.store(soft_dot_ptr + row_off, w_i, mask=row_mask)
-        # column i (the positive of row i < N <= M) lies in exactly one split: that program writes it
-        tl.store(diag_ptr + rows, diag, mask=row_mask & (rows >= col_lo) & (rows < col_hi))
+        # column i + pos_off (the positive of row i) lies in exactly one split: that program writes it
+        pos = rows + pos_off
+        tl.store(diag_ptr + rows, diag, mask=row_mask & (pos >= col_lo) & (pos < col_hi))
 
 
 # ----------------------------------------------------------------------------------- backward kernel
@@ -163,7 +170,7 @@ def _softmax_ce_bwd_kernel(
     soft_lse_ptr,    # [N] base-2 LSE of the momentum rows (HAS_SOFT)
     DQ_ptr,          # [splits, N, D] (or [N, D] with one split): coef * (G' k)
     ds_rows_ptr,     # [splits, N]: sum_j G'_ij <q_i, k_j> over the split's columns (COMPUTE_DS)
-    N, M, D, alpha,
+    N, M, D, pos_off, alpha,  # the positive of row i is column i + pos_off (none when outside [0, M))
     stride_qn, stride_qd, stride_qmn, stride_qmd, stride_kn, stride_kd,
     stride_dqs, stride_dqn, stride_dqd,
     cols_per_split,
@@ -221,16 +228,19 @@ def _softmax_ce_bwd_kernel(
             # sum_j G'_ij <q_i, k_j> in fp32 from the unrounded tiles (the dot below rounds G' to the
             # input dtype), positives included, from the same tile values as the rest of the row
             ds_row += tl.sum(g * s, 1)
-            if (n0 < pid_m * BLOCK_M + BLOCK_M) & (pid_m * BLOCK_M < n0 + BLOCK_N):
-                ds_row -= diag_coef * tl.sum(tl.where(rows[:, None] == cols[None, :], s, 0.0), 1)
+            if (n0 < pid_m * BLOCK_M + pos_off + BLOCK_M) & (pid_m * BLOCK_M + pos_off < n0 + BLOCK_N):
+                shift = (pid_m * BLOCK_M + pos_off - n0).to(tl.int32)
+                hit = tl.arange(0, BLOCK_M)[:, None] + shift == tl.arange(0, BLOCK_N)[None, :]
+                ds_row -= diag_coef * tl.sum(tl.where(hit, s, 0.0), 1)
         k_out = tl.load(K_ptr + cols[:, None] * stride_kn + outs[None, :] * stride_kd,
                         mask=col_mask[:, None] & out_mask[None, :], other=0.0)
         # G' enters the tensor cores unscaled (|G'| <= 2): no fp16 underflow of w = 1/N.
-        acc = tl.dot(g.to(k_out.dtype), k_out, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(g.to(k_out.dtype), k_out, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
-    # the positives: -diag_coef * k_i, added by the split that holds column i
-    pos_mask = row_mask & (rows >= col_lo) & (rows < col_hi)
-    k_pos = tl.load(K_ptr + rows[:, None] * stride_kn + outs[None, :] * stride_kd,
+    # the positives: -diag_coef * k_(i + pos_off), added by the split that holds that column
+    pos = rows + pos_off
+    pos_mask = row_mask & (pos >= col_lo) & (pos < col_hi)
+    k_pos = tl.load(K_ptr + pos[:, None] * stride_kn + outs[None, :] * stride_kd,
                     mask=pos_mask[:, None] & out_mask[None, :], other=0.0)
     acc -= diag_coef[:, None] * k_pos.to(ACC_DTYPE)
     if COMPUTE_DS:
@@ -251,10 +261,11 @@ _softmax_ce_bwd_tuned = triton.autotune(BACKWARD_CONFIGS,
 
 # ------------------------------------------------------------------------------------------ launchers
 def softmax_ce_forward(q: Tensor, k: Tensor, scale: Tensor, *, q_m: Optional[Tensor] = None,
-                       with_col_stats: bool = False, config: Optional[triton.Config] = None) -> Dict[str, Tensor]:
+                       with_col_stats: bool = False, pos_off: int = 0,
+                       config: Optional[triton.Config] = None) -> Dict[str, Tensor]:
     """One pass over the tiles of ``t = s log2(e) q k^T`` (base-2 logits). Returns, per row of ``q``:
     ``row_lse2 = log2 sum_j exp2 t_ij`` and ``row_excess2 = row_lse2 - t_ii`` (computed without
-    cancellation), and with ``q_m``: ``soft_lse2`` (of ``t^m = s log2(e) q_m k^T``) and
+    cancellation; the positive ``t_ii`` is at column ``i + pos_off``), and with ``q_m``: ``soft_lse2`` (of ``t^m = s log2(e) q_m k^T``) and
     ``soft_excess2 = sum_j softmax(t^m)_ij t_ij - t_ii``; with ``with_col_stats``: ``col_lse2`` and
     ``col_excess2`` per column ``j < N`` (positives ``t_jj``)."""
     n, d = q.shape
@@ -274,7 +285,7 @@ def softmax_ce_forward(q: Tensor, k: Tensor, scale: Tensor, *, q_m: Optional[Ten
         row_max_ptr=row_max, row_sum_ptr=row_sum,
         soft_max_ptr=soft[0], soft_sum_ptr=soft[1], soft_dot_ptr=soft[2],
         col_max_ptr=cols[0], col_sum_ptr=cols[1], diag_ptr=diag2,
-        N=n, M=m, D=d,
+        N=n, M=m, D=d, pos_off=pos_off,
         stride_qn=q.stride(0), stride_qd=q.stride(1), stride_qmn=q_m_arg.stride(0),
         stride_qmd=q_m_arg.stride(1), stride_kn=k.stride(0), stride_kd=k.stride(1),
         rows_per_group=plan["rows_per_group"], cols_per_split=plan["cols_per_split"],
@@ -299,10 +310,11 @@ def softmax_ce_forward(q: Tensor, k: Tensor, scale: Tensor, *, q_m: Optional[Ten
 def softmax_ce_backward(q: Tensor, k: Tensor, scale: Tensor, coef: Tensor, *,
                         own_lse2: Optional[Tensor] = None, other_lse2: Optional[Tensor] = None,
                         q_m: Optional[Tensor] = None, soft_lse2: Optional[Tensor] = None, alpha: float = 0.0,
-                        compute_ds: bool = False, config: Optional[triton.Config] = None
+                        pos_off: int = 0, compute_ds: bool = False, config: Optional[triton.Config] = None
                         ) -> Tuple[Tensor, Optional[Tensor]]:
     """``coef * (G' k)`` in ``q``'s dtype and, with ``compute_ds``, ``sum_ij G'_ij <q_i, k_j>`` (a 0-dim
-    device tensor, fp32/fp64). ``G'`` is built from the terms whose statistics are given."""
+    device tensor, fp32/fp64). ``G'`` is built from the terms whose statistics are given; the one-hot
+    target of row ``i`` is column ``i + pos_off`` (none when that is outside ``[0, M)``)."""
     n, d = q.shape
     m = k.shape[0]
     acc = acc_dtype(q.dtype)
@@ -324,7 +336,7 @@ def softmax_ce_backward(q: Tensor, k: Tensor, scale: Tensor, coef: Tensor, *,
         other_lse_ptr=other_lse2 if other_lse2 is not None else any_stat,
         soft_lse_ptr=soft_lse2 if has_soft else any_stat,
         DQ_ptr=dq, ds_rows_ptr=ds_rows,
-        N=n, M=m, D=d, alpha=float(alpha),
+        N=n, M=m, D=d, pos_off=pos_off, alpha=float(alpha),
         stride_qn=q.stride(0), stride_qd=q.stride(1), stride_qmn=q_m_arg.stride(0),
         stride_qmd=q_m_arg.stride(1), stride_kn=k.stride(0), stride_kd=k.stride(1),
         stride_dqs=dq_strides[0], stride_dqn=dq_strides[1], stride_dqd=dq_strides[2],
@@ -340,12 +352,13 @@ def softmax_ce_backward(q: Tensor, k: Tensor, scale: Tensor, coef: Tensor, *,
 
 
 # ------------------------------------------------------------------------- info_nce: forward/backward
-def info_nce_forward(a: Tensor, b: Tensor, scale: Tensor, symmetric: bool,
+def info_nce_forward(a: Tensor, b: Tensor, scale: Tensor, symmetric: bool, offset: int = 0,
                      config: Optional[triton.Config] = None) -> Tuple[Tensor, Tensor]:
     """Loss (0-dim, fp32; fp64 for fp64 inputs) and the saved base-2 LSEs ``[1 or 2, N]`` (rows of
-    ``s a b^T``, then its columns when symmetric)."""
+    ``s a b^T``, then its columns when symmetric). One-way, ``b`` may be ``[M, D]`` with the positives
+    at column ``offset + i``."""
     n = a.shape[0]
-    stats = softmax_ce_forward(a, b, scale, with_col_stats=symmetric, config=config)
+    stats = softmax_ce_forward(a, b, scale, with_col_stats=symmetric, pos_off=offset, config=config)
     loss = stats["row_excess2"].sum() * LN2
     if not symmetric:
         return loss / n, stats["row_lse2"][None]
@@ -354,7 +367,7 @@ def info_nce_forward(a: Tensor, b: Tensor, scale: Tensor, symmetric: bool,
 
 
 def info_nce_backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, lse2: Tensor, symmetric: bool,
-                      needs_a: bool, needs_b: bool, needs_scale: bool,
+                      needs_a: bool, needs_b: bool, needs_scale: bool, offset: int = 0,
                       config: Optional[triton.Config] = None) -> Tuple[Optional[Tensor], ...]:
     """``(da, db, dscale)``, ``None`` where not needed. Two launches: rows of ``a`` (da, dscale) and
     rows of ``b`` (db)."""
@@ -367,14 +380,15 @@ def info_nce_backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, lse2: T
     col_lse2 = lse2[1] if symmetric else None
     da = db = dscale = None
     if needs_a or needs_scale:
-        da, ds_sum = softmax_ce_backward(a, b, scale, coef, own_lse2=row_lse2,
-                                         other_lse2=col_lse2, compute_ds=needs_scale, config=config)
+        da, ds_sum = softmax_ce_backward(a, b, scale, coef, own_lse2=row_lse2, other_lse2=col_lse2,
+                                         pos_off=offset, compute_ds=needs_scale, config=config)
         if needs_scale:
             dscale = (g * weight * ds_sum).to(scale.dtype)
     if needs_b:
-        # rows of X^T: the column softmax is b's own; the row softmax of X is indexed by b's columns
-        db, _ = softmax_ce_backward(b, a, scale, coef, own_lse2=col_lse2,
-                                    other_lse2=row_lse2, config=config)
+        # rows of X^T: the column softmax is b's own; the row softmax of X is indexed by b's columns;
+        # row j of b is the positive of row j - offset of a (rows outside a's range have none)
+        db, _ = softmax_ce_backward(b, a, scale, coef, own_lse2=col_lse2, other_lse2=row_lse2,
+                                    pos_off=-offset, config=config)
     return (da if needs_a else None), db, dscale
 
 
@@ -420,41 +434,43 @@ def itc_backward(grad: Tensor, q: Tensor, q_m: Tensor, bank: Tensor, scale: Tens
 # recomputes them. The backward ops return empty tensors for gradients nobody asked for.
 
 @torch.library.custom_op("lsr_kernels::triton_info_nce", mutates_args=())
-def _info_nce_op(a: Tensor, b: Tensor, scale: Tensor, symmetric: bool) -> Tuple[Tensor, Tensor]:
-    return info_nce_forward(a, b, scale, symmetric)
+def _info_nce_op(a: Tensor, b: Tensor, scale: Tensor, symmetric: bool, offset: int) -> Tuple[Tensor, Tensor]:
+    return info_nce_forward(a, b, scale, symmetric, offset)
 
 
 @_info_nce_op.register_fake
-def _info_nce_fake(a, b, scale, symmetric):
+def _info_nce_fake(a, b, scale, symmetric, offset):
     acc = acc_dtype(a.dtype)
     return a.new_empty((), dtype=acc), a.new_empty((2 if symmetric else 1, a.shape[0]), dtype=acc)
 
 
 @torch.library.custom_op("lsr_kernels::triton_info_nce_backward", mutates_args=())
 def _info_nce_backward_op(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, lse2: Tensor, symmetric: bool,
-                          needs_a: bool, needs_b: bool, needs_scale: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    da, db, dscale = info_nce_backward(grad, a, b, scale, lse2, symmetric, needs_a, needs_b, needs_scale)
+                          offset: int, needs_a: bool, needs_b: bool, needs_scale: bool
+                          ) -> Tuple[Tensor, Tensor, Tensor]:
+    da, db, dscale = info_nce_backward(grad, a, b, scale, lse2, symmetric, needs_a, needs_b, needs_scale, offset)
     return (da if da is not None else a.new_empty(0), db if db is not None else b.new_empty(0),
             dscale if dscale is not None else scale.new_empty(0))
 
 
 @_info_nce_backward_op.register_fake
-def _info_nce_backward_fake(grad, a, b, scale, lse2, symmetric, needs_a, needs_b, needs_scale):
+def _info_nce_backward_fake(grad, a, b, scale, lse2, symmetric, offset, needs_a, needs_b, needs_scale):
     return (a.new_empty(a.shape) if needs_a else a.new_empty(0), b.new_empty(b.shape) if needs_b else b.new_empty(0),
             scale.new_empty(()) if needs_scale else scale.new_empty(0))
 
 
 def _info_nce_setup(ctx, inputs, output):
-    a, b, scale, symmetric = inputs
+    a, b, scale, symmetric, offset = inputs
     ctx.save_for_backward(a, b, scale, output[1])
-    ctx.symmetric = symmetric
+    ctx.symmetric, ctx.offset = symmetric, offset
 
 
 def _info_nce_grad(ctx, grad_loss, _grad_lse2):
     a, b, scale, lse2 = ctx.saved_tensors
     needs_a, needs_b, needs_scale = ctx.needs_input_grad[:3]
-    da, db, dscale = _info_nce_backward_op(grad_loss, a, b, scale, lse2, ctx.symmetric, needs_a, needs_b, needs_scale)
-    return (da if needs_a else None), (db if needs_b else None), (dscale if needs_scale else None), None
+    da, db, dscale = _info_nce_backward_op(grad_loss, a, b, scale, lse2, ctx.symmetric, ctx.offset,
+                                           needs_a, needs_b, needs_scale)
+    return (da if needs_a else None), (db if needs_b else None), (dscale if needs_scale else None), None, None
 
 
 _info_nce_op.register_autograd(_info_nce_grad, setup_context=_info_nce_setup)
@@ -501,13 +517,15 @@ _itc_op.register_autograd(_itc_grad, setup_context=_itc_setup)
 
 
 # -------------------------------------------------------------------------------------- primitives
-def info_nce(a: Tensor, b: Tensor, scale: Tensor, symmetric: bool) -> Tensor:
-    """``CE(s a b^T)``, or ``(CE(s a b^T) + CE(s b a^T)) / 2`` when ``symmetric`` (both from one pass)."""
+def info_nce(a: Tensor, b: Tensor, scale: Tensor, symmetric: bool, offset: int = 0) -> Tensor:
+    """``CE(s a b^T)``, or ``(CE(s a b^T) + CE(s b a^T)) / 2`` when ``symmetric`` (both from one pass);
+    one-way with a rectangular ``b`` and the positives at ``offset`` (contract in lsr_kernels.backends)."""
     check_matrix("a", a)
     check_matrix("b", b)
-    check_same("b", b, "a", a, same_rows=True)
+    check_same("b", b, "a", a, same_rows=False)
+    offset = V.check_info_nce_operands(a, b, symmetric, offset)
     scale = check_scale(scale, a)
-    return _info_nce_op(a, b, scale, bool(symmetric))[0]
+    return _info_nce_op(a, b, scale, bool(symmetric), offset)[0]
 
 
 def itc_soft_ce(q: Tensor, q_m: Tensor, bank: Tensor, scale: Tensor, alpha: float) -> Tensor:
