@@ -10,9 +10,9 @@ Data parallel: ``torchrun --nproc_per_node W -m lsr_kernels.train ...`` (or ``to
 $(which lsr-train) ...``) trains one model on ``W`` processes with DDP (NCCL on CUDA, one GPU per local
 rank; gloo on CPU). ``--batch-size`` stays the *global* batch; each rank takes its ``1/W`` of the same
 rows one process would take, the augmentations are drawn for the global batch, and the losses are
-built with ``local_loss=True, gather_with_grad=True``, so CLIP's per-step losses and updates are those of
-one process with the same global batch (up to float rounding). ALBEF's ITC, queues and regularisers
-are global too; its ITM hard negatives and MLM masks are drawn per rank, as ALBEF does. Rank 0
+built with ``local_loss=True, gather_with_grad=True``, so the per-step losses and updates are those of
+one process with the same global batch (up to float rounding), for CLIP and for ALBEF (whose hard
+negatives, MLM masks and token count are global too: :mod:`lsr_kernels.models.albef`). Rank 0
 evaluates, logs and writes the output folder.
 
 Every step's randomness (batch order, augmentations, MLM masks, hard negatives) is derived from

@@ -205,7 +205,7 @@ def test_hard_negatives_follow_softmax_and_skip_positives():
     sim = torch.tensor([[0.0, 2.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [3.0, 3.0, 0.0, 0.0], [0.0, 0.0, 0.0, 9.0]])
     ids = torch.tensor([0, 1, 2, 3])
     g = torch.Generator().manual_seed(0)
-    draws = torch.stack([_sample_hard_negatives(sim, ids, g) for _ in range(1500)])
+    draws = torch.stack([_sample_hard_negatives(sim, ids, ids, g) for _ in range(1500)])
     assert (draws != torch.arange(4)).all()
     probs = torch.softmax(sim, 1).masked_fill(torch.eye(4, dtype=torch.bool), 0)
     probs = probs / probs.sum(1, keepdim=True)
@@ -213,11 +213,29 @@ def test_hard_negatives_follow_softmax_and_skip_positives():
     torch.testing.assert_close(freq, probs, atol=0.045, rtol=0)  # 3.5 sigma at 1500 draws
     # same pair id: never a negative; a row with no candidate falls back to uniform over the others
     same = torch.tensor([0, 0, 1, 1])
-    draws = torch.stack([_sample_hard_negatives(sim, same, g) for _ in range(200)])
+    draws = torch.stack([_sample_hard_negatives(sim, same, same, g) for _ in range(200)])
     assert (same[draws] != same).all()
     all_same = torch.zeros(4, dtype=torch.long)
-    draws = torch.stack([_sample_hard_negatives(sim, all_same, g) for _ in range(200)])
+    draws = torch.stack([_sample_hard_negatives(sim, all_same, all_same, g) for _ in range(200)])
     assert (draws != torch.arange(4)).all()
+
+
+def test_sharded_draws_are_the_rows_of_the_global_draws():
+    """Data parallel: a rank holding rows r n .. (r + 1) n draws its hard negatives and MLM masks as
+    the single process draws them for those rows."""
+    sim = torch.randn(6, 6, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([0, 1, 2, 0, 1, 5])
+    full = _sample_hard_negatives(sim, ids, ids, torch.Generator().manual_seed(3))
+    parts = [_sample_hard_negatives(sim[r * 3:(r + 1) * 3], ids[r * 3:(r + 1) * 3], ids,
+                                    torch.Generator().manual_seed(3), r * 3) for r in range(2)]
+    assert torch.equal(torch.cat(parts), full)
+    config = ALBEFConfig(**{**TINY, "fusion_layers": 1})
+    text = _tokens(6, length=10, seed=2)
+    full = mask_tokens(text, config, torch.Generator().manual_seed(4))
+    parts = [mask_tokens(text[r * 2:(r + 1) * 2], config, torch.Generator().manual_seed(4), shard=(r, 3))
+             for r in range(3)]
+    for k in range(2):
+        assert torch.equal(torch.cat([p[k] for p in parts]), full[k])
 
 
 def test_mlm_masking_rates_and_special_tokens():

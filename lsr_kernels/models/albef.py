@@ -19,10 +19,14 @@
 Randomness (masking, hard negatives) is drawn on the CPU from an explicit ``torch.Generator`` and
 moved to the device, so a run is reproducible across devices and a resumed run repeats it exactly.
 
-Data parallel (``lsr_loss`` an :class:`lsr_kernels.LSRLoss` with ``world_size > 1``): ITC contrasts
-each rank's rows with every rank's momentum features and the queues, and the queues take every
-rank's momentum features in rank order, so ITC and the regularisers are those of the global batch.
-ITM and MLM stay per rank, as in ALBEF: hard negatives are drawn from the rank's own rows.
+Data parallel (``lsr_loss`` an :class:`lsr_kernels.LSRLoss` with ``world_size > 1``, each rank holding
+its contiguous share of the global batch): every term is that of the global batch. ITC contrasts each
+rank's rows with every rank's momentum features and the queues, which take every rank's momentum
+features in rank order; hard negatives are drawn from the whole global batch (the chosen text or
+image tokens are gathered with their gradient, as BLIP does); the random numbers (Gumbel noise, MLM
+masks) are drawn for the global batch and each rank keeps its rows; MLM is normalised by the global
+count of predicted tokens. So each rank returns its share of the single-process losses (their mean
+over ranks is the single-process value) and DDP's averaged gradients are the single-process ones.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributed
 from ..functional import itc_loss
 from ..modules import FeatureQueue, ITCLoss
 from .common import Block, Projection, TextTransformer, VisionTransformer, check_positive_ints, init_weights, padding_mask
@@ -97,6 +102,23 @@ class ALBEFConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class _Shard:
+    """Where this step's rows sit in the global batch: rank ``rank`` of ``world`` holds rows
+    ``rank * n .. (rank + 1) * n``. With one rank every method is the identity (single process)."""
+
+    def __init__(self, lsr_loss: nn.Module):
+        self.world = int(getattr(lsr_loss, "world_size", 1))
+        self.rank = int(getattr(lsr_loss, "rank", 0)) if self.world > 1 else 0
+        self.group = getattr(lsr_loss, "process_group", None)
+
+    def gather(self, x: Tensor, *, with_grad: bool) -> Tensor:
+        """Every rank's rows of ``x`` in rank order (the backward returns each rank its rows' gradient)."""
+        return x if self.world == 1 else distributed.gather_features(x, self.group, with_grad=with_grad)
+
+    def sum(self, x: Tensor) -> Tensor:
+        return x if self.world == 1 else distributed.all_reduce_sum(x, self.group)
 
 
 class FusionEncoder(nn.Module):
@@ -215,6 +237,7 @@ class ALBEF(nn.Module):
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         device = images.device
 
+        shard = _Shard(lsr_loss)
         self.clamp_temperature_()
         scale = self.scale()
         image_tokens = self.visual_encoder(images)
@@ -261,29 +284,36 @@ class ALBEF(nn.Module):
                     out[term] = terms[term]
                     regulariser = regulariser + weight * terms[term]
 
-        # ---- ITM with hard negatives.
+        # ---- ITM with hard negatives, drawn from the global batch (every rank's rows).
         text_mask = padding_mask(text, c.pad_id)
         fused_pos = self.fusion(text_hidden, text_mask, image_tokens)[:, 0]
         with torch.no_grad():
-            neg_text = _sample_hard_negatives(scale * image_feat @ text_feat_m.T, pair_ids, generator)
-            neg_image = _sample_hard_negatives(scale * text_feat @ image_feat_m.T, pair_ids, generator)
+            ids_all = None if pair_ids is None else shard.gather(pair_ids.to(device), with_grad=False)
+            first = shard.rank * b
+            neg_text = _sample_hard_negatives(scale * image_feat @ shard.gather(text_feat_m, with_grad=False).T,
+                                              pair_ids, ids_all, generator, first)
+            neg_image = _sample_hard_negatives(scale * text_feat @ shard.gather(image_feat_m, with_grad=False).T,
+                                               pair_ids, ids_all, generator, first)
+        text_hidden_all = shard.gather(text_hidden, with_grad=True)
+        text_mask_all = padding_mask(shard.gather(text, with_grad=False), c.pad_id)
+        image_tokens_all = shard.gather(image_tokens, with_grad=True)
         # Rows 0..B-1: each text with a hard negative image; rows B..2B-1: each image with a hard negative text.
-        text_for_neg = torch.cat([text_hidden, text_hidden[neg_text]])
-        mask_for_neg = torch.cat([text_mask, text_mask[neg_text]])
-        image_for_neg = torch.cat([image_tokens[neg_image], image_tokens])
+        text_for_neg = torch.cat([text_hidden, text_hidden_all[neg_text]])
+        mask_for_neg = torch.cat([text_mask, text_mask_all[neg_text]])
+        image_for_neg = torch.cat([image_tokens_all[neg_image], image_tokens])
         fused_neg = self.fusion(text_for_neg, mask_for_neg, image_for_neg)[:, 0]
         itm_logits = self.itm_head(torch.cat([fused_pos, fused_neg]))
         itm_labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]).to(device)
         out["itm_loss"] = F.cross_entropy(itm_logits.float(), itm_labels)
 
         # ---- MLM, distilled from the momentum model.
-        masked_text, mlm_labels = mask_tokens(text, c, generator)
+        masked_text, mlm_labels = mask_tokens(text, c, generator, shard=(shard.rank, shard.world))
         masked_mask = padding_mask(masked_text, c.pad_id)
         logits = self.mlm_head(self.fusion(self.text_encoder(masked_text), masked_mask, image_tokens)).float()
         with torch.no_grad():
             logits_m = self.mlm_head_m(self.fusion_m(self.text_encoder_m(masked_text), masked_mask, image_tokens_m))
             soft_labels = F.softmax(logits_m.float(), dim=-1)
-        out["mlm_loss"] = _distilled_mlm_loss(logits, soft_labels, mlm_labels, alpha)
+        out["mlm_loss"] = _distilled_mlm_loss(logits, soft_labels, mlm_labels, alpha, shard)
 
         out["loss"] = out["itc_loss"] + out["itm_loss"] + out["mlm_loss"] + regulariser
         out["logit_scale"] = scale.detach()
@@ -295,36 +325,46 @@ class ALBEF(nn.Module):
         return out
 
 
-def _sample_hard_negatives(similarity: Tensor, pair_ids: Optional[Tensor], generator: torch.Generator) -> Tensor:
-    """For each row, one column drawn with probability ``softmax(similarity)`` with the diagonal (and
-    same-id columns) zeroed; a row left with no candidate falls back to uniform over the other columns.
+def _sample_hard_negatives(similarity: Tensor, row_ids: Optional[Tensor], col_ids: Optional[Tensor],
+                           generator: torch.Generator, first_row: int = 0) -> Tensor:
+    """For each row, one column drawn with probability ``softmax(similarity)`` with the row's own pair
+    (and same-id columns) zeroed; a row left with no candidate falls back to uniform over the others.
 
-    Gumbel-max sampling with noise drawn on the CPU: the same draw as ``torch.multinomial`` in law, no
-    device-to-host copy, and the same numbers on every device.
+    ``similarity``: ``[b, M]``, rows ``first_row .. first_row + b`` of a global batch of ``M`` pairs
+    (``first_row = 0, M = b``: a single process), so row ``i``'s own pair is column ``first_row + i``.
+    ``row_ids`` / ``col_ids``: the pair ids of the rows and of the columns, or ``None``.
+    Gumbel-max sampling with noise drawn on the CPU for the whole ``M x M`` batch, of which these rows
+    keep theirs: the same draw as ``torch.multinomial`` in law, no device-to-host copy, the same
+    numbers on every device and for every split of the batch over ranks.
     """
-    b = similarity.shape[0]
+    b, total = similarity.shape
     device = similarity.device
     weights = F.softmax(similarity.float(), dim=1)
-    exclude = torch.eye(b, dtype=torch.bool, device=device)
-    if pair_ids is not None:
-        ids = pair_ids.to(device)
-        exclude = exclude | (ids[:, None] == ids[None, :])
+    own = torch.zeros(b, total, dtype=torch.bool, device=device)
+    own[torch.arange(b, device=device), first_row + torch.arange(b, device=device)] = True
+    exclude = own
+    if row_ids is not None:
+        exclude = exclude | (row_ids.to(device)[:, None] == col_ids.to(device)[None, :])
     weights = weights.masked_fill(exclude, 0.0)
-    uniform = (~torch.eye(b, dtype=torch.bool, device=device)).float()
-    weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, uniform)
-    u = torch.rand(b, b, generator=generator).clamp_(1e-12, 1.0 - 1e-7).to(device)
-    gumbel = -torch.log(-torch.log(u))
+    weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, (~own).float())
+    u = torch.rand(total, total, generator=generator)[first_row:first_row + b]
+    gumbel = -torch.log(-torch.log(u.clamp_(1e-12, 1.0 - 1e-7).to(device)))
     return torch.argmax(torch.log(weights) + gumbel, dim=1)
 
 
-def mask_tokens(text: Tensor, config: ALBEFConfig, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+def mask_tokens(text: Tensor, config: ALBEFConfig, generator: torch.Generator,
+                shard: Tuple[int, int] = (0, 1)) -> Tuple[Tensor, Tensor]:
     """BERT masking: each word token (not pad / [CLS] / [EOS]) is chosen with ``mlm_probability``; a chosen
     token becomes ``[MASK]`` (80%), a random word (10%) or stays (10%). Returns ``(input_ids, labels)``
-    with ``labels = -100`` where nothing is predicted."""
+    with ``labels = -100`` where nothing is predicted. ``shard = (index, count)``: ``text`` is part
+    ``index`` of a batch cut into ``count`` equal parts; the draws are made for the whole batch."""
     device = text.device
-    shape = text.shape
-    u = torch.rand(3, *shape, generator=generator).to(device)
-    random_words = torch.randint(config.num_special_tokens, config.vocab_size, shape, generator=generator).to(device)
+    index, count = shard
+    b, length = text.shape
+    rows = slice(index * b, (index + 1) * b)
+    u = torch.rand(3, count * b, length, generator=generator)[:, rows].to(device)
+    random_words = torch.randint(config.num_special_tokens, config.vocab_size, (count * b, length),
+                                 generator=generator)[rows].to(device)
     special = (text == config.pad_id) | (text == config.cls_id) | (text == config.eos_id)
     chosen = (u[0] < config.mlm_probability) & ~special
     labels = text.masked_fill(~chosen, -100)
@@ -335,11 +375,12 @@ def mask_tokens(text: Tensor, config: ALBEFConfig, generator: torch.Generator) -
     return input_ids, labels
 
 
-def _distilled_mlm_loss(logits: Tensor, soft_labels: Tensor, labels: Tensor, alpha: float) -> Tensor:
+def _distilled_mlm_loss(logits: Tensor, soft_labels: Tensor, labels: Tensor, alpha: float, shard: _Shard) -> Tensor:
     """``(1 - alpha) CE(logits, labels) + alpha * CE(logits, soft_labels)`` over the predicted positions
-    (0 when a batch has none, instead of ALBEF's NaN; no host sync)."""
+    (0 when a batch has none, instead of ALBEF's NaN; no host sync). Over ranks: this rank's share of
+    the mean over the global batch's predicted positions (its sum over the global count / ranks)."""
     predicted = labels != -100
-    count = predicted.sum().clamp(min=1)
+    count = shard.sum(predicted.sum().to(logits.dtype)).clamp(min=1) / shard.world
     log_p = F.log_softmax(logits, dim=-1)
     hard = -log_p.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     soft = -(soft_labels * log_p).sum(-1)
