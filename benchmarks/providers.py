@@ -19,6 +19,10 @@ imports triton, open_clip or inf_cl until a provider is asked about.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import tempfile
+import zipfile
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -103,10 +107,44 @@ def _compiled(op: str, x: O.Inputs) -> LossFn:
     return lambda: compiled(f, s)
 
 
-def _open_clip(op: str, x: O.Inputs) -> LossFn:
-    from open_clip.loss import ClipLoss
+#: Wheels that travel with the tree to the offline GPU machine (git-ignored; see scripts/gpu_check.sh).
+WHEELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wheels")
+_OPEN_CLIP_LOSS = None
 
-    loss = ClipLoss()
+
+def open_clip_loss_module():
+    """open_clip's ``loss`` module: from the installed package, else ``open_clip/loss.py`` read straight
+    out of an ``open_clip_torch`` wheel in :data:`WHEELS_DIR`. The offline GPU machine lacks the
+    package's import-time dependencies (torchvision, ftfy, regex, huggingface_hub); ``loss.py`` itself
+    needs only torch, so the very code open_clip users run is what gets timed."""
+    global _OPEN_CLIP_LOSS
+    if _OPEN_CLIP_LOSS is not None:
+        return _OPEN_CLIP_LOSS
+    try:
+        _OPEN_CLIP_LOSS = importlib.import_module("open_clip.loss")
+        return _OPEN_CLIP_LOSS
+    except Exception as exc:  # a broken install is as unavailable as a missing one
+        installed_error = f"{type(exc).__name__}: {exc}"
+    wheels = sorted(f for f in os.listdir(WHEELS_DIR) if f.startswith("open_clip_torch-") and f.endswith(".whl")) \
+        if os.path.isdir(WHEELS_DIR) else []
+    if not wheels:
+        raise ImportError(f"cannot import open_clip.loss ({installed_error}) and no open_clip_torch wheel "
+                          f"in {WHEELS_DIR}")
+    with zipfile.ZipFile(os.path.join(WHEELS_DIR, wheels[-1])) as wheel:
+        source = wheel.read("open_clip/loss.py")
+    path = os.path.join(tempfile.mkdtemp(prefix="open_clip_loss_"), "open_clip_loss.py")
+    with open(path, "wb") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location("open_clip_loss_from_wheel", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.SOURCE = wheels[-1]
+    _OPEN_CLIP_LOSS = module
+    return module
+
+
+def _open_clip(op: str, x: O.Inputs) -> LossFn:
+    loss = open_clip_loss_module().ClipLoss()
     v, t = x.features["image_features"], x.features["text_features"]
     return lambda: loss(v, t, x.scale)
 
@@ -162,7 +200,11 @@ class Provider:
                             "or lsr_kernels.backends.cuda.load_jit())")
             return None
         if self.name == "open_clip":
-            return _import_reason("open_clip.loss")
+            try:
+                open_clip_loss_module()
+            except Exception as exc:
+                return f"{type(exc).__name__}: {exc}"
+            return None
         if self.name == "inf_cl":
             if d is not None and inf_cl_head_dim(d) is None:
                 return f"Inf-CL needs D divisible by 16, got D = {d}"

@@ -12,15 +12,17 @@
 # TESTS_TIMEOUT (150), CORE_TIMEOUT (120), SWEEP_TIMEOUT (75), MAXN_TIMEOUT (100).
 #
 # The GPU machine has no network: nothing is downloaded. Inf-CL (a baseline) is installed from the
-# wheel in benchmarks/wheels/ with --no-deps --no-index; without it the provider is recorded as
-# unavailable. Every stage runs under `timeout` and a global deadline; a failed stage does not stop
+# wheel in benchmarks/wheels/ with --no-deps --no-index, and open_clip's loss.py is read from its
+# wheel there when the package does not import (see benchmarks/NOTES.md); without them the provider
+# is recorded as unavailable. Fetch both on the development machine first:
+#   pip download --no-deps -d benchmarks/wheels inf-cl==1.2.1 open_clip_torch==3.3.0 Every stage runs under `timeout` and a global deadline; a failed stage does not stop
 # the next. At most 8 files land in $OUT (the device tool returns no more):
 #   summary.txt  env_build.log  tests.log  bench.log  gpu.jsonl  README_table.md  plots.tar.gz
 # Afterwards, on the development machine:
 #   cat <out>/gpu.jsonl >> benchmarks/results/gpu.jsonl && python -m benchmarks render --update-readme
 set -uo pipefail
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 
 DRY_RUN=${DRY_RUN:-0}
 BUDGET=480

@@ -89,6 +89,32 @@ def test_every_provider_computes_the_same_loss(op):
         assert rel_err(got, expected) < 1e-10, name
 
 
+def test_open_clip_loss_from_a_wheel_when_the_package_cannot_import(tmp_path, monkeypatch):
+    """The offline GPU machine: open_clip's own loss.py, read from the wheel that travels with the tree."""
+    installed = pytest.importorskip("open_clip.loss")
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "open_clip_torch-9.9.9-py3-none-any.whl", "w") as wheel:
+        wheel.write(installed.__file__, "open_clip/loss.py")
+    real_import = P.importlib.import_module
+
+    def no_open_clip(name, *args):
+        if name.startswith("open_clip"):
+            raise ModuleNotFoundError("No module named 'torchvision'")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(P.importlib, "import_module", no_open_clip)
+    monkeypatch.setattr(P, "WHEELS_DIR", str(tmp_path))
+    monkeypatch.setattr(P, "_OPEN_CLIP_LOSS", None)
+    assert P.get("open_clip").unavailable_reason("clip", "cpu") is None
+    assert P.open_clip_loss_module().SOURCE == "open_clip_torch-9.9.9-py3-none-any.whl"
+    x = O.make_inputs("clip", 13, 6, "float64", "cpu")
+    assert rel_err(P.get("open_clip").build("clip", x)(), P.get("reference").build("clip", x)()) < 1e-12
+    monkeypatch.setattr(P, "_OPEN_CLIP_LOSS", None)
+    monkeypatch.setattr(P, "WHEELS_DIR", str(tmp_path / "empty"))
+    assert "no open_clip_torch wheel" in P.get("open_clip").unavailable_reason("clip", "cpu")
+    monkeypatch.setattr(P, "_OPEN_CLIP_LOSS", None)
+
+
 @pytest.mark.parametrize("mode", O.MODES)
 def test_timed_regions_never_accumulate_grad(mode):
     x = O.make_inputs("clip", 9, 4, "float32", "cpu")
