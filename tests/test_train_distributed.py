@@ -4,6 +4,7 @@
   losses (every term, relative gap < 1e-5) and the same final weights as one process;
 - ALBEF on 2 and 4 ranks: every term (ITC, ITM with hard negatives from the global batch, MLM, the
   regularisers) on every step, the weights and the queues after the run;
+- a job stopped after 2 steps and resumed with ``--resume`` continues the same trajectory;
 - a global batch that does not split over the ranks fails on every rank with a clear message;
 - the shard-aware augmentation: the ranks' crops, put together, are the single process's.
 
@@ -107,6 +108,20 @@ def test_albef_under_torchrun_follows_the_single_process_trajectory(one_process,
     assert queues
     for name in queues:
         torch.testing.assert_close(many[name].double(), one[name].double(), rtol=0, atol=1e-4, msg=name)
+
+
+def test_a_torchrun_job_resumes_from_its_checkpoint(tmp_path):
+    """2 steps on 2 ranks, then --resume to 4 steps on 2 ranks: the same history and weights as one
+    process doing the same (its learning-rate schedule follows --steps of each call)."""
+    argv = ["--model", "clip", "--reg", "all", *TINY]
+    single, many = tmp_path / "single", tmp_path / "ranks"
+    assert T.main(["--steps", "2", "--out", str(single), *argv]) == 0
+    assert T.main(["--steps", str(STEPS), "--resume", str(single), "--out", str(single), *argv]) == 0
+    _torchrun(2, ["--steps", "2", "--out", str(many), *argv])
+    proc = _torchrun(2, ["--steps", str(STEPS), "--resume", str(many), "--out", str(many), *argv])
+    assert f"resumed clip from {many / 'checkpoint.pt'} at step 2" in proc.stdout
+    _assert_same_steps(_history(single), _history(many), "CLIP resumed on 2 ranks")
+    _assert_same_weights(_weights(single), _weights(many), "CLIP resumed on 2 ranks")
 
 
 def test_a_batch_that_does_not_split_fails_on_every_rank(tmp_path):
