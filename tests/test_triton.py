@@ -250,6 +250,16 @@ def test_autotune_pruning_clamps_and_drops():
     assert all(c.kwargs["BLOCK_M"] * c.kwargs.get("BLOCK_DO", 0) <= _common.MAX_ACC_ELEMENTS_FMA for c in fma)
     assert len(_common.prune_configs(cfgs[:1], {}, D_PADDED=1024, DOT_PRECISION="ieee")) == 1  # never empty
     assert len(_common.prune_configs(softmax_ce.FORWARD_CONFIGS, {}, D_PADDED=1024)) == len(softmax_ce.FORWARD_CONFIGS)
+    # ITC's forward holds two similarity tiles: half the area (the sm_90 build table: larger ones spill)
+    soft = _common.prune_configs(softmax_ce.FORWARD_CONFIGS, {"HAS_SOFT": True}, D_PADDED=512, DOT_PRECISION="tf32")
+    assert soft and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64 for c in soft)
+    soft_fma = _common.prune_configs(softmax_ce.FORWARD_CONFIGS, {"HAS_SOFT": True}, D_PADDED=512,
+                                     DOT_PRECISION="ieee")
+    assert [c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in soft_fma] == [64 * 64]
+    # fp64 (gradcheck) keeps only the smallest config
+    for cfgs in (softmax_ce.FORWARD_CONFIGS, softmax_ce.BACKWARD_CONFIGS):
+        assert len(_common.prune_configs(cfgs, {"ACC_DTYPE": _common.tl.float64}, D_PADDED=512,
+                                         DOT_PRECISION="ieee")) == 1
 
 
 # -------------------------------------------------------------------------------------- errors
@@ -315,74 +325,17 @@ def test_fake_impls_give_shapes_only():
 
 
 # ----------------------------------------------------------------------------- sm_90 build (no GPU)
-_SM90_BUILD = r"""
-import os, subprocess, sys, tempfile
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from lsr_kernels.backends.triton import exp_gram, softmax_ce
-
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-
-def build(fn, signature, constexprs, cfg):
-    constexprs = {**constexprs, **cfg.kwargs}
-    # what the runtime specialiser sees for contiguous inputs: unit inner strides are constants,
-    # pointers, row strides and sizes are multiples of 16
-    for name in signature:
-        if name.startswith("stride_") and name.endswith("d"):
-            constexprs[name] = 1
-    sig = {k: ("constexpr" if k in constexprs else v) for k, v in signature.items()}
-    sig.update({k: "constexpr" for k in constexprs})
-    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
-             if v != "constexpr" and (v.startswith("*") or k.startswith("stride_") or k in ("N", "M", "D"))}
-    src = ASTSource(fn=fn, signature=sig, attrs=attrs,
-                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    usage = ""
-    if os.path.exists(CUOBJDUMP):
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-            f.write(kernel.asm["cubin"])
-        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-        usage = " ".join(w for w in out.split() if w.startswith(("REG:", "STACK:")))
-    print(f"BUILT {fn.__name__} {usage}", flush=True)
-
-P = lambda names, ty: {n: ty for n in names}
-lowp = dict(ACC_DTYPE=tl.float32, DOT_PRECISION="tf32", D_PADDED=512)
-ce_common = {**P(["Q_ptr", "QM_ptr", "K_ptr"], "*bf16"), "scale_ptr": "*fp32"}
-strides = P(["stride_qn", "stride_qd", "stride_qmn", "stride_qmd", "stride_kn", "stride_kd"], "i32")
-build(softmax_ce._softmax_ce_fwd_kernel,
-      {**ce_common, **P(["row_max_ptr", "row_sum_ptr", "soft_max_ptr", "soft_sum_ptr", "soft_dot_ptr",
-                         "col_max_ptr", "col_sum_ptr", "diag_ptr"], "*fp32"),
-       **P(["N", "M", "D", "pos_off"], "i32"), **strides, **P(["rows_per_group", "cols_per_split"], "i32")},
-      dict(HAS_SOFT=False, HAS_COL=True, **lowp), softmax_ce.FORWARD_CONFIGS[0])
-build(softmax_ce._softmax_ce_bwd_kernel,
-      {**ce_common, **P(["coef_ptr", "own_lse_ptr", "other_lse_ptr", "soft_lse_ptr"], "*fp32"), "DQ_ptr": "*bf16",
-       "ds_rows_ptr": "*fp32", **P(["N", "M", "D", "pos_off"], "i32"), "alpha": "fp32", **strides,
-       **P(["stride_dqs", "stride_dqn", "stride_dqd", "cols_per_split"], "i32")},
-      dict(HAS_OWN=True, HAS_OTHER=True, HAS_SOFT=False, COMPUTE_DS=True, **lowp),
-      softmax_ce.BACKWARD_CONFIGS[0])
-build(exp_gram._exp_gram_fwd_kernel,
-      {"X_ptr": "*bf16", **P(["sq_ptr", "row_part_ptr"], "*fp32"), **P(["N", "D", "stride_xn", "stride_xd"], "i32"),
-       "neg_t_log2e": "fp32"}, lowp, exp_gram.FORWARD_CONFIGS[0])
-build(exp_gram._exp_gram_bwd_kernel,
-      {"X_ptr": "*bf16", **P(["sq_ptr", "coef_ptr"], "*fp32"), "DX_ptr": "*bf16",
-       **P(["N", "D", "stride_xn", "stride_xd", "stride_dxs", "stride_dxn", "stride_dxd", "cols_per_split"], "i32"),
-       "neg_t_log2e": "fp32"}, dict(SPLIT_PRODUCT=True, **lowp), exp_gram.BACKWARD_CONFIGS[0])
-"""
-
-
 @pytest.mark.slow
 def test_kernels_build_for_sm90_without_a_gpu():
     """The interpreter accepts things the GPU compiler does not: build the bf16 kernels for sm_90 with
-    Triton's bundled ptxas (no device needed). The two info_nce kernels of the CLIP hot path must not
-    spill registers."""
+    Triton's bundled ptxas (no device needed; scripts/triton_sm90_sweep.py, whose --all mode covers
+    every config). The two info_nce kernels of the CLIP hot path must not spill registers."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", _SM90_BUILD], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    script = os.path.join(root, "scripts", "triton_sm90_sweep.py")
+    done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("BUILT")]
     assert len(lines) == 4, done.stdout
     for line in lines[:2]:

@@ -47,6 +47,8 @@ GPU_GRANULE = 128
 MAX_ACC_ELEMENTS = 64 * 512
 MAX_ACC_ELEMENTS_FMA = 64 * 128
 MAX_FMA_TILE = 128 * 64
+#: Similarity tile of tensor-core products (fp16/bf16): 128 x 128 builds without spills on sm_90.
+MAX_TENSOR_CORE_TILE = 128 * 128
 #: Column splits of a backward (each adds an fp32 [N, D] partial gradient): at most 8, or up to 64
 #: while all partials together stay within 2^24 fp32 values (64 MiB).
 MAX_BACKWARD_SPLITS = 8
@@ -221,11 +223,20 @@ def plan_backward(n_rows: int, n_cols: int, width: int, device: torch.device) ->
 def prune_configs(configs: List[triton.Config], named_args: dict, **kwargs) -> List[triton.Config]:
     """Autotune pruning: ``BLOCK_K`` and ``BLOCK_DO`` never wider than the padded D; drop configs whose
     fp32 accumulator (``BLOCK_M x BLOCK_DO``) or FMA product tile (fp32/fp64) would spill, always
-    keeping the smallest as a fallback. Duplicates left by clamping are removed."""
+    keeping the smallest as a fallback. Duplicates left by clamping are removed.
+
+    From the sm_90 build table (``scripts/triton_sm90_sweep.py --all``): the ITC forward holds two
+    similarity tiles (``HAS_SOFT``), so its tile area is halved (128 x 128 spills 288-440 bytes in
+    bf16; 128 x 64 in fp32 spills 3 KB); fp64 (the gradcheck path) keeps only the smallest config
+    (its larger ones spill, or need more shared memory than an sm_90 block has)."""
     args = {**named_args, **kwargs}
     width = args["D_PADDED"]
     fma_products = args.get("DOT_PRECISION") == "ieee"
     acc_limit = MAX_ACC_ELEMENTS_FMA if fma_products else MAX_ACC_ELEMENTS
+    tile_limit = MAX_FMA_TILE if fma_products else MAX_TENSOR_CORE_TILE
+    if args.get("HAS_SOFT"):
+        tile_limit //= 2
+    smallest_only = args.get("ACC_DTYPE") == tl.float64
 
     def footprint(cfg):
         return cfg.kwargs["BLOCK_M"] * max(cfg.kwargs["BLOCK_N"], cfg.kwargs.get("BLOCK_DO", 0))
@@ -238,7 +249,7 @@ def prune_configs(configs: List[triton.Config], named_args: dict, **kwargs) -> L
             kw["BLOCK_DO"] = min(kw["BLOCK_DO"], width)
             if kept and kw["BLOCK_M"] * kw["BLOCK_DO"] > acc_limit:
                 continue
-        if kept and fma_products and kw["BLOCK_M"] * kw["BLOCK_N"] > MAX_FMA_TILE:
+        if kept and (smallest_only or kw["BLOCK_M"] * kw["BLOCK_N"] > tile_limit):
             continue
         key = (tuple(sorted(kw.items())), cfg.num_warps, cfg.num_stages)
         if key in seen:
