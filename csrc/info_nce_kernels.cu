@@ -192,6 +192,7 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_bwd_kernel
 
   const int row = threadIdx.x / K::kTPR, part = threadIdx.x % K::kTPR;
   const bool row_ok = row < a_rows;
+  const int pos_col = r0 + row + p.pos_off;  // this row's positive column (hoisted: one register)
   acc_t lse_r = acc_t(0);
   if (USE_ROW && row_ok) lse_r = lse_a[r0 + row];
   acc_t ds_acc = acc_t(0);
@@ -213,7 +214,7 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_bwd_kernel
         const acc_t x = s * sv;
         if (USE_ROW) h += exp_acc<kFast>(x - lse_r);
         if (USE_COL) h += exp_acc<kFast>(x - lse_b[c0 + c]);
-        if (r0 + row + p.pos_off == c0 + c) h -= acc_t(int(USE_ROW) + int(USE_COL));
+        if (pos_col - c0 == c) h -= acc_t(int(USE_ROW) + int(USE_COL));
       }
       ds_acc += h * sv;
       gemm2.sH[row * K::Gemm2::LDH + c] = Convert<T>::from(h * kH);
