@@ -478,3 +478,22 @@ def test_cuda_peak_memory_is_linear(cuda_device):
     extra = torch.cuda.max_memory_allocated() - base
     # gradients + accumulators (~4 N D fp32) + 2-3 tiles of 1024 x N fp32; N x N alone is 1 GiB
     assert extra < 8 * n * d * 4 + 3 * 1024 * n * 4 + (8 << 20) < n * n * 4
+
+
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, True), (True, True, False)],
+                         ids=["all", "a", "b+s", "a+b"])
+@pytest.mark.parametrize("n, m, offset, block", [(7, 7, 0, 3), (5, 13, 8, 2), (1, 4, 3, 1)])
+def test_one_way_gradients_formed_in_the_forward_equal_the_two_pass_ones(needs, n, m, offset, block):
+    """fp32/fp64 one-way info_nce takes the one-pass path (_InfoNCEEager) when a feature gradient is
+    coming; it must give the two-pass path's loss and gradients, for any subset of inputs."""
+    a = unit_rows(n, 6, dtype=torch.float64, requires_grad=needs[0])
+    b = unit_rows(m, 6, dtype=torch.float64, requires_grad=needs[1])
+    s = torch.tensor(7.0, dtype=torch.float64, requires_grad=needs[2])
+    inputs = [x for x in (a, b, s) if x.requires_grad]
+    eager = C._InfoNCEEager.apply(a, b, s, offset, block) * 0.3
+    lazy = C._InfoNCE.apply(a, b, s, False, offset, block) * 0.3
+    assert rel_err(eager, lazy) < 1e-14
+    for g, h in zip(torch.autograd.grad(eager, inputs), torch.autograd.grad(lazy, inputs)):
+        assert rel_err(g, h) < 1e-12
+    with torch.no_grad():  # no gradient to come: the lazy path, same value
+        assert rel_err(C.info_nce(a, b, s, False, offset, block_size=block), lazy / 0.3) < 1e-14

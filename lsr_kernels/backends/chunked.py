@@ -3,16 +3,19 @@
 The three primitives of the backend contract (:mod:`lsr_kernels.backends`), each a hand-written
 :class:`torch.autograd.Function` that walks the similarity matrix in row blocks (and, for the wide
 ITC matrix, column blocks), keeps only O(N) statistics between the forward and the backward, and
-recomputes every block in the backward. No N x N (or N x (N + K)) tensor is ever allocated: the
+recomputes every block in the backward (one exception below). No N x N (or N x (N + K)) tensor is ever allocated: the
 extra memory is O((N + K) D) for the gradient accumulators plus a few tiles of ``block x columns``
 (see :func:`default_block_size`). Formulas: SPEC.md 2.1, 2.2 (uniformity), 2.6.
 
-``info_nce(a, b, s, symmetric)``, ``X = s a b^T``, ``r_i = LSE_j X_ij``, ``c_j = LSE_i X_ij``:
+``info_nce(a, b, s, symmetric, offset)``, ``X = s a b^T``, ``r_i = LSE_j X_ij``, ``c_j = LSE_i X_ij``:
     loss ``= mean_i (r_i - X_ii)`` (``symmetric``: the mean of that and ``mean_j (c_j - X_jj)``);
     ``c`` comes from the same row blocks as ``r`` through a running log-add-exp over blocks.
     ``dL/dX = w (P_row + P_col - 2 I)`` (``symmetric``, ``w = g / 2N``) or ``w (P_row - I)``
     (``w = g / N``) with ``P_row = exp(X - r_i)``, ``P_col = exp(X - c_j)``;
-    ``da = s dL/dX b``, ``db = s dL/dX^T a``, ``ds = sum_ij dL/dX_ij <a_i, b_j>``.
+    ``da = s dL/dX b``, ``db = s dL/dX^T a``, ``ds = sum_ij dL/dX_ij <a_i, b_j>``. One-way, ``b`` may
+    have ``M`` rows and ``I`` is shifted by ``offset``; in fp32/fp64 with a feature gradient to come,
+    the one-way gradients are formed in the forward (a block holds whole rows, so ``P_row`` is final
+    there): no recompute in the backward, which only scales them (:class:`_InfoNCEEager`).
 ``exp_gram_sum(x, t)``, ``K_jk = exp(-t (|x_j|^2 + |x_k|^2 - 2 <x_j, x_k>))``:
     ``sum_jk K_jk`` over the tiles on or above the diagonal only (off-diagonal tiles count twice);
     ``dx_j = -4 t g sum_k K_jk (x_j - x_k) = -4 t g (rowsum(K)_j x_j - (K x)_j)``, each upper tile
@@ -191,6 +194,63 @@ def _refuse_double_backward(primitive: str) -> None:
 
 
 # ------------------------------------------------------------------------------------- info_nce
+class _InfoNCEEager(torch.autograd.Function):
+    """One-way ``CE(s a b^T)`` in fp32/fp64 with its gradients formed during the forward.
+
+    A row block's tile holds whole rows, so the row softmax ``P`` is complete as soon as its
+    log-sum-exp is: ``H = P - I`` (shifted by ``offset``) multiplies ``b`` and ``a`` right there. Three
+    products of ``N x M x D`` instead of four (no recompute in the backward) and one exp pass instead of
+    two; the backward only scales the saved gradients by the upstream one. fp16/bf16 keep the lazy
+    path (:class:`_InfoNCE`): their gradient tile is rounded to the input dtype after that scaling.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, scale: Tensor, offset: int, block: int) -> Tensor:
+        n, m = a.shape[0], b.shape[0]
+        dev, wide = a.device, a.dtype
+        s = _scale_as(scale, wide)
+        need_a, need_b, need_scale = ctx.needs_input_grad[:3]
+        row_lse = torch.empty(n, dtype=wide, device=dev)
+        positives = torch.empty(n, dtype=wide, device=dev)
+        grad_a = torch.empty_like(a, memory_format=torch.contiguous_format) if need_a else None
+        grad_b = torch.zeros(b.shape, dtype=wide, device=dev) if need_b else None
+        logits_buf = torch.empty(block * m, dtype=wide, device=dev)
+        b_t = b.T
+        weight = s / n  # dL/d(a b^T) = (s / n) H; the upstream gradient is applied in the backward
+        for i0 in range(0, n, block):
+            i1 = min(i0 + block, n)
+            a_blk = a[i0:i1]
+            logits = _logits(a_blk, b_t, s, _tile(logits_buf, i1 - i0, m), None)
+            positives[i0:i1] = logits.diagonal(offset=offset + i0)
+            shift = logits.amax(1, keepdim=True)
+            shift.masked_fill_(shift.isinf(), 0.0)
+            p = _exp_(logits.sub_(shift))  # exp(X - max), in place: X is not needed again
+            total = p.sum(1)
+            row_lse[i0:i1] = total.log().add_(shift.squeeze(1))
+            h = p.div_(total[:, None])
+            h.diagonal(offset=offset + i0).sub_(1.0)
+            h.mul_(weight)
+            if need_a:
+                torch.mm(h, b, out=grad_a[i0:i1])
+            if need_b:
+                grad_b.addmm_(h.T, a_blk)
+        grad_s = None
+        if need_scale:
+            grad_s = _scale_grad_from_features(b, grad_b, s) if need_b else _scale_grad_from_features(a, grad_a, s)
+        ctx.save_for_backward(grad_a, grad_b, grad_s)
+        ctx.scale_meta = (scale.dtype, scale.shape)
+        return (row_lse - positives).mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        _refuse_double_backward("info_nce")
+        grad_a, grad_b, grad_s = ctx.saved_tensors
+        g = grad_loss.to(grad_a.dtype if grad_a is not None else grad_b.dtype)
+        scale_dtype, scale_shape = ctx.scale_meta
+        return (None if grad_a is None else grad_a * g, None if grad_b is None else grad_b * g,
+                None if grad_s is None else (grad_s * g).to(scale_dtype).reshape(scale_shape), None, None)
+
+
 class _InfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, scale: Tensor, symmetric: bool, offset: int, block: int) -> Tensor:
@@ -300,6 +360,10 @@ def info_nce(a: Tensor, b: Tensor, scale: Tensor, symmetric: bool, offset: int =
     row blocks of ``block_size`` with O(N) saved statistics."""
     offset = V.check_info_nce_operands(a, b, symmetric, offset)
     block = _rows_per_block(block_size, a.shape[0], b.shape[0], a.shape[1], a.device)
+    # One-way in fp32/fp64 with a feature gradient to come: gradients in the forward (one pass).
+    if (not symmetric and a.dtype in (torch.float32, torch.float64) and torch.is_grad_enabled()
+            and (a.requires_grad or b.requires_grad)):
+        return _InfoNCEEager.apply(a, b, scale, offset, block)
     return _InfoNCE.apply(a, b, scale, bool(symmetric), offset, block)
 
 
