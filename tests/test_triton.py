@@ -262,6 +262,34 @@ def test_autotune_pruning_clamps_and_drops():
                                          DOT_PRECISION="ieee")) == 1
 
 
+def test_autotune_switch_picks_the_smallest_surviving_config(monkeypatch):
+    """LSR_TRITON_AUTOTUNE=0: the launcher runs the smallest config that survives pruning instead of
+    the autotuner (one compile per kernel for the GPU test run); 1 or unset: the autotuner."""
+    calls = []
+
+    class Recorder:
+        def __init__(self, configs=None):
+            self.configs = configs
+
+        def __getitem__(self, grid):
+            return lambda **kwargs: calls.append(kwargs)
+
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    args = dict(x=torch.zeros(1), D_PADDED=512, HAS_SOFT=True, DOT_PRECISION="tf32", ACC_DTYPE=_common.tl.float32)
+    tuned = Recorder(softmax_ce.FORWARD_CONFIGS)
+    monkeypatch.setenv("LSR_TRITON_AUTOTUNE", "0")
+    _common.launch(Recorder(), tuned, (1,), args, None)
+    expected = _common.prune_configs(softmax_ce.FORWARD_CONFIGS, args)[0]
+    assert {k: calls[-1][k] for k in expected.kwargs} == expected.kwargs
+    assert calls[-1]["num_warps"] == expected.num_warps
+    monkeypatch.setenv("LSR_TRITON_AUTOTUNE", "1")
+    _common.launch(Recorder(), tuned, (1,), args, None)
+    assert "BLOCK_M" not in calls[-1]  # the autotuner chose
+    monkeypatch.setenv("LSR_TRITON_AUTOTUNE", "yes")
+    with pytest.raises(ValueError, match="LSR_TRITON_AUTOTUNE: expected 0 or 1"):
+        _common.launch(Recorder(), tuned, (1,), args, None)
+
+
 # -------------------------------------------------------------------------------------- errors
 def test_cpu_tensors_rejected_outside_the_interpreter(cpu, monkeypatch):
     monkeypatch.setattr(_common, "interpreting", lambda: False)

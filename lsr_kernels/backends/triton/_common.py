@@ -8,6 +8,9 @@ Launch plumbing
     autotuned wrapper on a GPU, the plain kernel with :data:`INTERPRETER_CONFIG` under the Triton
     interpreter (autotuning there would run every config, very slowly), and the plain kernel with an
     explicit :class:`triton.Config` when a caller passes one (the GPU tests run each config).
+    ``LSR_TRITON_AUTOTUNE=0`` (read at each launch) skips the autotuner on a GPU too: the smallest
+    config that survives pruning runs, so a first call compiles one kernel instead of every config
+    (the GPU test run uses it; timings should not).
 
     Scratch buffers are laid out by rows/columns, never by program id, so their shape does not depend
     on the config that the autotuner picks: row groups and column splits are multiples of a *granule*
@@ -17,6 +20,7 @@ Launch plumbing
 import contextlib
 import functools
 import math
+import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -259,11 +263,25 @@ def prune_configs(configs: List[triton.Config], named_args: dict, **kwargs) -> L
     return kept
 
 
+AUTOTUNE_ENV = "LSR_TRITON_AUTOTUNE"
+
+
+def autotune_enabled() -> bool:
+    """``LSR_TRITON_AUTOTUNE``: ``1`` (default) autotunes on a GPU, ``0`` runs one fixed config."""
+    value = os.environ.get(AUTOTUNE_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{AUTOTUNE_ENV}: expected 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def launch(kernel, tuned, grid, args: dict, config: Optional[triton.Config]) -> None:
     """Run ``kernel``: autotuned on a GPU, :data:`INTERPRETER_CONFIG` under the interpreter, or the
-    explicit ``config`` a caller (the per-config GPU tests) passes."""
+    explicit ``config`` a caller (the per-config GPU tests) passes; with ``LSR_TRITON_AUTOTUNE=0`` the
+    smallest config that survives pruning instead of the autotuner."""
     if config is None and interpreting():
         config = INTERPRETER_CONFIG
+    if config is None and tuned is not None and not autotune_enabled():
+        config = prune_configs(tuned.configs, args)[0]
     device = next(v.device for v in args.values() if isinstance(v, Tensor))
     # Triton launches on the current device: make it the tensors' one (cuda:1 while cuda:0 is current)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
