@@ -765,6 +765,8 @@ def compare(args: argparse.Namespace, log=print) -> Dict[str, dict]:
         run_args = copy.copy(args)
         run_args.reg, run_args.out, run_args.compare = reg, os.path.join(root, reg), False
         results[reg] = train(run_args, log=log)
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return results  # under torchrun, rank 0 has the evaluations and writes the table
     table = compare_table(args.model, results)
     log(table)
     os.makedirs(root, exist_ok=True)

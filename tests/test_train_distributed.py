@@ -5,6 +5,7 @@
 - ALBEF on 2 and 4 ranks: every term (ITC, ITM with hard negatives from the global batch, MLM, the
   regularisers) on every step, the weights and the queues after the run;
 - a job stopped after 2 steps and resumed with ``--resume`` continues the same trajectory;
+- ``--compare`` under torchrun: every run on both ranks, one table from rank 0;
 - a global batch that does not split over the ranks fails on every rank with a clear message;
 - the shard-aware augmentation: the ranks' crops, put together, are the single process's.
 
@@ -122,6 +123,15 @@ def test_a_torchrun_job_resumes_from_its_checkpoint(tmp_path):
     assert f"resumed clip from {many / 'checkpoint.pt'} at step 2" in proc.stdout
     _assert_same_steps(_history(single), _history(many), "CLIP resumed on 2 ranks")
     _assert_same_weights(_weights(single), _weights(many), "CLIP resumed on 2 ranks")
+
+
+def test_compare_under_torchrun_writes_one_table(tmp_path):
+    out = tmp_path / "compare"
+    proc = _torchrun(2, ["--model", "clip", "--compare", "--steps", "2", "--out", str(out), *TINY])
+    assert proc.stdout.count("zero-shot acc") == 1  # rank 0 prints the table once
+    table = (out / "compare.txt").read_text()
+    assert all(label in table for label in ("CLIP + sep", "CLIP + br", "CLIP + gc"))
+    assert T.json.load(open(out / "gc" / "metrics.json"))["world_size"] == 2
 
 
 def test_a_batch_that_does_not_split_fails_on_every_rank(tmp_path):
