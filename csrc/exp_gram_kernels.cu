@@ -159,23 +159,14 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) exp_gram_bwd_kernel
 // ----------------------------------------------------------------------------------- launchers
 template <typename T>
 cudaError_t launch_fwd(const ExpGramFwdParams& p, int max_smem, cudaStream_t stream) {
-  using K = ExpGramFwd<T>;
-  auto kernel = exp_gram_fwd_kernel<T>;
-  cudaError_t err = prepare_launch(kernel, K::kSmemBytes, max_smem);
-  if (err != cudaSuccess) return err;
-  LSR_LAUNCH(kernel, p.grid, kThreads, K::kSmemBytes, stream, p);
-  return LSR_LAST_ERROR();
+  return launch_fused(exp_gram_fwd_kernel<T>, p.grid, ExpGramFwd<T>::kSmemBytes, max_smem, stream, p);
 }
 
 template <typename T>
 cudaError_t launch_bwd(const ExpGramBwdParams& p, int max_smem, cudaStream_t stream) {
   using K = RowBwdLayout<T, 1>;
-  auto kernel = exp_gram_bwd_kernel<T>;
-  cudaError_t err = prepare_launch(kernel, K::kSmemBytes, max_smem);
-  if (err != cudaSuccess) return err;
   const dim3 grid(ceil_div(p.n, K::BM), ceil_div(p.d, K::Gemm2::DC));
-  LSR_LAUNCH(kernel, grid, kThreads, K::kSmemBytes, stream, p);
-  return LSR_LAST_ERROR();
+  return launch_fused(exp_gram_bwd_kernel<T>, grid, K::kSmemBytes, max_smem, stream, p);
 }
 
 }  // namespace

@@ -240,22 +240,14 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_bwd_kernel
 template <typename T, bool FUSED>
 cudaError_t launch_fwd(const InfoNceFwdParams& p, int max_smem, cudaStream_t stream) {
   using K = InfoNceFwd<T, FUSED>;
-  auto kernel = info_nce_fwd_kernel<T, FUSED>;
-  cudaError_t err = prepare_launch(kernel, K::kSmemBytes, max_smem);
-  if (err != cudaSuccess) return err;
-  LSR_LAUNCH(kernel, ceil_div(p.n, K::BM), kThreads, K::kSmemBytes, stream, p);
-  return LSR_LAST_ERROR();
+  return launch_fused(info_nce_fwd_kernel<T, FUSED>, ceil_div(p.n, K::BM), K::kSmemBytes, max_smem, stream, p);
 }
 
 template <typename T, bool USE_ROW, bool USE_COL>
 cudaError_t launch_bwd(const InfoNceBwdParams& p, int max_smem, cudaStream_t stream) {
   using K = RowBwdLayout<T, 1>;
-  auto kernel = info_nce_bwd_kernel<T, USE_ROW, USE_COL>;
-  cudaError_t err = prepare_launch(kernel, K::kSmemBytes, max_smem);
-  if (err != cudaSuccess) return err;
   const dim3 grid(ceil_div(p.n, K::BM), ceil_div(p.d, K::Gemm2::DC));
-  LSR_LAUNCH(kernel, grid, kThreads, K::kSmemBytes, stream, p);
-  return LSR_LAST_ERROR();
+  return launch_fused(info_nce_bwd_kernel<T, USE_ROW, USE_COL>, grid, K::kSmemBytes, max_smem, stream, p);
 }
 
 template <typename T>

@@ -199,22 +199,14 @@ __global__ void __launch_bounds__(kThreads) itc_bwd_kernel(const ItcBwdParams p)
 template <typename T>
 cudaError_t launch_fwd(const ItcFwdParams& p, int max_smem, cudaStream_t stream) {
   using K = ItcFwd<T>;
-  auto kernel = itc_fwd_kernel<T>;
-  cudaError_t err = prepare_launch(kernel, K::kSmemBytes, max_smem);
-  if (err != cudaSuccess) return err;
-  LSR_LAUNCH(kernel, ceil_div(p.n, K::BM), kThreads, K::kSmemBytes, stream, p);
-  return LSR_LAST_ERROR();
+  return launch_fused(itc_fwd_kernel<T>, ceil_div(p.n, K::BM), K::kSmemBytes, max_smem, stream, p);
 }
 
 template <typename T>
 cudaError_t launch_bwd(const ItcBwdParams& p, int max_smem, cudaStream_t stream) {
   using K = RowBwdLayout<T, 2>;
-  auto kernel = itc_bwd_kernel<T>;
-  cudaError_t err = prepare_launch(kernel, K::kSmemBytes, max_smem);
-  if (err != cudaSuccess) return err;
   const dim3 grid(ceil_div(p.n, K::BM), ceil_div(p.d, K::Gemm2::DC));
-  LSR_LAUNCH(kernel, grid, kThreads, K::kSmemBytes, stream, p);
-  return LSR_LAST_ERROR();
+  return launch_fused(itc_bwd_kernel<T>, grid, K::kSmemBytes, max_smem, stream, p);
 }
 
 }  // namespace

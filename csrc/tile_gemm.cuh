@@ -80,6 +80,17 @@ inline cudaError_t prepare_launch(Kernel kernel, size_t smem_bytes, int max_smem
 #endif
 }
 
+// A fused kernel's launch: opt into its dynamic shared memory, run kThreads per block, report.
+template <class Kernel, class Params>
+inline cudaError_t launch_fused(Kernel kernel, dim3 grid, size_t smem_bytes, int max_smem, cudaStream_t stream,
+                                const Params& p) {
+  const cudaError_t err = prepare_launch(kernel, smem_bytes, max_smem);
+  if (err != cudaSuccess) return err;
+  (void)stream;  // unused by the CPU emulation's launch
+  LSR_LAUNCH(kernel, grid, kThreads, smem_bytes, stream, p);
+  return LSR_LAST_ERROR();
+}
+
 // ------------------------------------------------------------------------------ element types
 template <typename T>
 struct Types;
