@@ -5,6 +5,7 @@
     python -m benchmarks cpu-core --tiny --threads 1   # smoke run of the same plumbing, seconds
     python -m benchmarks gpu-core | gpu-sweep [--short] | gpu-maxn [--time-cap S]
     python -m benchmarks render [--update-readme]  # plots + results/README_table.md (+ README.md)
+    python -m benchmarks choose-auto [--update-readme]  # auto's GPU choice from results/gpu.jsonl
 
 One comparison at custom shapes: ``python -m benchmarks.bench_clip --n 4K,16K --d 512 --device cuda``
 (likewise ``bench_full``, ``bench_clip_gc``, ``bench_itc``, ``bench_max_n``). See NOTES.md.
@@ -62,6 +63,15 @@ def main(argv=None) -> int:
     r.add_argument("--no-plots", action="store_true")
     r.add_argument("--update-readme", nargs="?", const=Path(R.REPO_ROOT / "README.md"), type=Path, default=None,
                    metavar="README", help="also splice the table between the bench markers of README.md")
+    c = sub.add_parser("choose-auto", help="what backend='auto' picks on a GPU, from the GPU timings",
+                       description="Rank the lsr backends at every measured GPU shape and write "
+                                   "lsr_kernels/backends/auto_choice.py (see benchmarks/choose.py).")
+    c.add_argument("inputs", nargs="*", type=Path, default=[R.results_path("gpu")],
+                   help="result files or folders (default: benchmarks/results/gpu.jsonl)")
+    c.add_argument("--out", type=Path, default=None, help="default: lsr_kernels/backends/auto_choice.py")
+    c.add_argument("--print-only", action="store_true", help="print the table, write nothing")
+    c.add_argument("--update-readme", nargs="?", const=Path(R.REPO_ROOT / "README.md"), type=Path, default=None,
+                   metavar="README", help="also splice the table between the auto markers of README.md")
     args = parser.parse_args(argv)
 
     if args.command == "list":
@@ -71,6 +81,12 @@ def main(argv=None) -> int:
 
         render.render(args.inputs, plots_dir=args.plots_dir or render.PLOTS_DIR,
                       table_path=args.table or render.TABLE_PATH, readme=args.update_readme, plots=not args.no_plots)
+        return 0
+    if args.command == "choose-auto":
+        from . import choose
+
+        choose.run(args.inputs, out=None if args.print_only else (args.out or choose.TABLE_MODULE),
+                   readme=args.update_readme)
         return 0
     settings = settings_from_args(args, "cpu" if args.command.startswith("cpu") else "cuda")
     if settings.device == "cuda":

@@ -3,7 +3,7 @@
 One record per measurement, appended as one JSON line to ``results/<device_kind>.jsonl``
 (``cpu.jsonl``, ``gpu.jsonl``). Fields::
 
-    device, device_kind, torch, triton, commit, source_hash, date,      provenance
+    device, device_kind, capability, torch, triton, commit, source_hash, date,      provenance
     suite, kind ("timing" | "probe" | "max_n"), status ("ok" | "oom" | "unavailable" | "error" |
     "timeout" | "skipped"), note,
     provider, op, mode, N, D, K, dtype,
@@ -33,7 +33,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-FIELDS = ("device", "device_kind", "torch", "triton", "commit", "source_hash", "date", "suite", "kind",
+FIELDS = ("device", "device_kind", "capability", "torch", "triton", "commit", "source_hash", "date", "suite", "kind",
           "status", "note", "provider", "op", "mode", "N", "D", "K", "dtype", "ms_median", "ms_p20",
           "ms_p80", "reps", "peak_mem_mb", "flops", "tflops", "peak_tflops", "floor_ratio", "threads")
 
@@ -115,8 +115,9 @@ def _triton_version() -> Optional[str]:
 def device_info(device: torch.device) -> Dict[str, object]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        return {"device": name, "device_kind": "gpu", "threads": None}
-    return {"device": _cpu_name(), "device_kind": "cpu", "threads": torch.get_num_threads()}
+        major, minor = torch.cuda.get_device_capability(device)
+        return {"device": name, "device_kind": "gpu", "capability": f"{major}.{minor}", "threads": None}
+    return {"device": _cpu_name(), "device_kind": "cpu", "capability": None, "threads": torch.get_num_threads()}
 
 
 def device_label(rec: Dict[str, object]) -> str:

@@ -254,15 +254,16 @@ def render_plots(records: Iterable[dict], plots_dir: Path = PLOTS_DIR) -> List[P
 
 
 # ---------------------------------------------------------------------------------------- README
-def update_readme(table: str, readme: Path = README_PATH) -> None:
-    """Replace the text between the bench markers in ``readme`` with ``table``."""
+def update_readme(table: str, readme: Path = README_PATH, markers=(START_MARKER, END_MARKER)) -> None:
+    """Replace the text between ``markers`` (default: the bench markers) in ``readme`` with ``table``."""
+    start, end = markers
     text = Path(readme).read_text()
-    if START_MARKER not in text or END_MARKER not in text or text.index(START_MARKER) > text.index(END_MARKER):
-        raise ValueError(f"{readme}: add the markers {START_MARKER} and {END_MARKER} (in that order) where the "
-                         f"performance table belongs; nothing was changed")
-    head, rest = text.split(START_MARKER, 1)
-    _, tail = rest.split(END_MARKER, 1)
-    Path(readme).write_text(f"{head}{START_MARKER}\n{table.rstrip()}\n{END_MARKER}{tail}")
+    if start not in text or end not in text or text.index(start) > text.index(end):
+        raise ValueError(f"{readme}: add the markers {start} and {end} (in that order) where the "
+                         f"generated table belongs; nothing was changed")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    Path(readme).write_text(f"{head}{start}\n{table.rstrip()}\n{end}{tail}")
 
 
 def render(inputs: Sequence[Path] = (R.RESULTS_DIR,), plots_dir: Path = PLOTS_DIR, table_path: Path = TABLE_PATH,

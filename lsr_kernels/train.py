@@ -501,6 +501,7 @@ def _train(args: argparse.Namespace, ranks: Ranks, *, stop_after: Optional[int],
     device = resolve_device(args.device, ranks.local_rank if ranks.world > 1 else None)
     out_dir = args.out or os.path.join("runs", f"{args.model}-{args.reg.replace(',', '+')}")
     weights = regulariser_weights(args)
+    views = args.model == "clip" and any(w > 0 for w in weights.values())  # CLIP's regularisers need views
     try:  # every user-input problem surfaces here, before anything is trained
         train_data, held_out = load_data(args)
         if args.batch_size > len(train_data):
@@ -508,7 +509,14 @@ def _train(args: argparse.Namespace, ranks: Ranks, *, stop_after: Optional[int],
         if args.batch_size % ranks.world or args.batch_size // ranks.world < 2:
             raise ValueError(f"--batch-size {args.batch_size} (the global batch) must split into {ranks.world} "
                              f"equal rank batches of at least 2 rows")
-        backend = backends.resolve(args.backend, device)
+        # What LSRLoss / the ITC loss will resolve to for this run's features (float32 [rows, embed_dim]).
+        rows = args.batch_size // ranks.world
+        if args.model == "clip":
+            op = backends.lsr_op(views, weights["sep"] > 0, weights["br"] > 0, weights["gc"] > 0)
+            shape = (rows, args.embed_dim, 0)
+        else:
+            op, shape = "itc", (rows, args.embed_dim, args.queue_size)
+        backend = backends.resolve(args.backend, device, op, torch.float32, shape)
         resume_state = load_checkpoint(checkpoint_path(args.resume)) if args.resume else None
         if resume_state is not None and resume_state["step"] > args.steps:
             raise ValueError(f"--steps {args.steps} is below the checkpoint's step {resume_state['step']}")
@@ -545,7 +553,6 @@ def _train(args: argparse.Namespace, ranks: Ranks, *, stop_after: Optional[int],
 
     image_aug = ImageAugment(hflip_p=args.hflip_p if args.hflip_p is not None else (0.5 if args.csv else 0.0))
     caption_aug = CaptionAugment(alpha=args.eda_alpha) if args.eda_alpha > 0 else None
-    views = args.model == "clip" and any(w > 0 for w in weights.values())
     steps_per_epoch = len(train_data) // args.batch_size
     save_every = args.eval_every if args.save_every is None else args.save_every
     if ranks.is_main:

@@ -15,14 +15,15 @@
 # wheel in benchmarks/wheels/ with --no-deps --no-index, and open_clip's loss.py is read from its
 # wheel there when the package does not import (see benchmarks/NOTES.md); without them the provider
 # is recorded as unavailable. Fetch both on the development machine first:
-#   pip download --no-deps -d benchmarks/wheels inf-cl==1.2.1 open_clip_torch==3.3.0 Every stage runs under `timeout` and a global deadline; a failed stage does not stop
-# the next. At most 8 files land in $OUT (the device tool returns no more):
+#   pip download --no-deps -d benchmarks/wheels inf-cl==1.2.1 open_clip_torch==3.3.0
+# Every stage runs under `timeout` and a global deadline; a failed stage does not stop the next. At most 8 files land in $OUT (the device tool returns no more):
 #   summary.txt  env_build.log  tests.log  bench.log  gpu.jsonl  README_table.md  plots.tar.gz
 # Afterwards, on the development machine:
-#   cat <out>/gpu.jsonl >> benchmarks/results/gpu.jsonl && python -m benchmarks render --update-readme
+#   cat <out>/gpu.jsonl >> benchmarks/results/gpu.jsonl && python -m benchmarks render --update-readme \
+#     && python -m benchmarks choose-auto --update-readme      # auto's GPU choice from those timings
 set -uo pipefail
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
 
 DRY_RUN=${DRY_RUN:-0}
 BUDGET=480
@@ -255,6 +256,11 @@ for r in recs:
 PY
     fi
     [ -s "$OUT/README_table.md" ] && { echo; cat "$OUT/README_table.md"; }
+    if [ -s "$RESULTS" ]; then
+        echo
+        echo "what backend='auto' would pick from these timings (python -m benchmarks choose-auto):"
+        "$PYTHON" -m benchmarks choose-auto "$RESULTS" --print-only
+    fi
 } >>"$SUMMARY" 2>&1
 echo "================ summary ($SUMMARY)"
 cat "$SUMMARY"

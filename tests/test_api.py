@@ -205,3 +205,47 @@ def test_bad_module_weights():
 def test_has_cuda_ext_is_a_bool_and_import_never_fails():
     assert isinstance(lsr_kernels.HAS_CUDA_EXT, bool)
 
+
+
+def test_measured_ranking_takes_the_nearest_shape_on_the_same_gpu():
+    def entry(device, capability, n, ranking, op="clip", dtype="bfloat16", d=512, k=0):
+        return dict(device=device, capability=capability, op=op, dtype=dtype, N=n, D=d, K=k, ranking=ranking)
+
+    table = [entry("H100", "9.0", 1024, ["chunked", "triton"]), entry("H100", "9.0", 32768, ["cuda", "triton"]),
+             entry("H200", "9.0", 32768, ["triton", "cuda"]), entry("A100", "8.0", 32768, ["chunked"]),
+             entry("H100", "9.0", 4096, ["triton"], op="itc", k=65536)]
+    rank = backends.measured_ranking
+    assert rank(table, "H100", "9.0", "clip", "bfloat16", 2000, 512) == ("chunked", "triton")
+    assert rank(table, "H100", "9.0", "clip", "bfloat16", 20000, 512) == ("cuda", "triton")
+    assert rank(table, "H200", "9.0", "clip", "bfloat16", 2000, 512) == ("triton", "cuda")   # its own device first
+    assert rank(table, "GH200", "9.0", "clip", "bfloat16", 2000, 512) == ("chunked", "triton")  # same capability
+    assert rank(table, "L4", "8.9", "clip", "bfloat16", 2000, 512) == ()
+    assert rank(table, "H100", "9.0", "clip", "float32", 2000, 512) == ()
+    assert rank(table, "H100", "9.0", "itc", "bfloat16", 4096, 256, 65536) == ("triton",)
+    # the later of two equally near measurements
+    assert rank(table + [entry("H100", "9.0", 1024, ["cuda"])], "H100", "9.0", "clip", "bfloat16", 1024, 512) == ("cuda",)
+
+
+@pytest.mark.parametrize("kwargs, op", [
+    ({}, "clip"), (dict(gc_weight=0.25), "clip_gc"), (dict(bridge_weight=1.0, image_aug=True), "full"),
+    (dict(image_aug=True), "full"),
+])
+def test_calls_resolve_auto_by_their_op_dtype_and_shape(monkeypatch, kwargs, op):
+    seen = []
+    real = backends.resolve
+
+    def spy(backend, device, *args):
+        seen.append(args)
+        return real(backend, device, *args)
+
+    monkeypatch.setattr(backends, "resolve", spy)
+    feats, s = lsr_inputs(6, 4)
+    args = {k: v for k, v in feats.items() if k in ("image_features", "text_features")}
+    if kwargs.pop("image_aug", False):
+        args.update(image_aug=feats["image_aug"], text_aug=feats["text_aug"])
+    lsr_kernels.lsr_loss(args.pop("image_features"), args.pop("text_features"), s, **args, **kwargs)
+    assert seen == [(op, torch.float32, (6, 4, 0))]
+    seen.clear()
+    v, t = feats["image_features"], feats["text_features"]
+    lsr_kernels.itc_loss(v, t, v.detach(), t.detach(), s, text_queue=torch.randn(9, 4))
+    assert seen == [("itc", torch.float32, (6, 4, 9))]

@@ -394,3 +394,95 @@ def test_gpu_check_dry_run(tmp_path):
         assert status[("chunked", "timing")] == "ok" and status[("chunked", "max_n")] == "ok"
     summary = (out / "summary.txt").read_text()
     assert "bench-core   ok" in summary and "tests        skipped" in summary
+
+
+# ------------------------------------------------------------------------- auto's GPU choice
+def _timed(provider, ms, op="clip", n=32768, d=512, dtype="bfloat16", status="ok", mode="full",
+           device="NVIDIA H100 80GB HBM3"):
+    rec = _rec("gpu", device, provider, op, mode, n, ms, 100.0, status=status, dtype=dtype, d=d)
+    rec.update(capability="9.0", K=0)
+    return rec
+
+
+def test_choose_ranks_the_lsr_backends_per_shape():
+    from benchmarks import choose
+
+    recs = [
+        _timed("triton", 9.0), _timed("cuda", 12.0), _timed("chunked", 30.0),
+        _timed("reference", 5.0),                      # not an auto candidate
+        _timed("cuda", 1.0, mode="forward"),           # forward alone does not decide
+        _timed("triton", 2.0, n=1024), _timed("chunked", 1.5, n=1024),
+        _timed("cuda", None, n=1024, status="error"),  # failed there: not ranked there
+        _timed("triton", 50.0, op="full"), _timed("cuda", 40.0, op="full"),
+        _rec("cpu", "AMD EPYC", "chunked", "clip", "full", 16384, 9000.0, 300.0, dtype="float32"),
+    ]
+    entries = choose.choose(recs + [_timed("triton", 8.0)])  # the later triton record wins
+    got = {(e["op"], e["N"]): (e["ranking"], e["ms"]) for e in entries}
+    assert got == {
+        ("clip", 1024): (["chunked", "triton"], {"chunked": 1.5, "triton": 2.0}),
+        ("clip", 32768): (["triton", "cuda", "chunked"], {"triton": 8.0, "cuda": 12.0, "chunked": 30.0}),
+        ("full", 32768): (["cuda", "triton"], {"cuda": 40.0, "triton": 50.0}),
+    }
+    assert all(e["capability"] == "9.0" and e["device"] == "NVIDIA H100 80GB HBM3" and e["K"] == 0
+               for e in entries)
+
+
+def test_choose_writes_a_module_that_resolve_reads(tmp_path, monkeypatch):
+    from benchmarks import choose
+    from lsr_kernels import backends
+
+    entries = choose.choose([_timed("triton", 9.0), _timed("cuda", 7.0), _timed("chunked", 30.0)])
+    namespace = {}
+    exec(choose.module_text(entries, "gpu.jsonl"), namespace)
+    assert namespace["MEASURED"] == entries
+    empty = {}
+    exec(choose.module_text([], "gpu.jsonl"), empty)
+    assert empty["MEASURED"] == []
+
+    from lsr_kernels.backends import auto_choice
+    monkeypatch.setattr(auto_choice, "MEASURED", namespace["MEASURED"])
+    monkeypatch.setattr(backends, "_gpu_identity", lambda device: ("NVIDIA H200", "9.0"))
+    usable = {"cuda", "triton", "chunked"}
+    monkeypatch.setattr(backends, "_usable", lambda name: name in usable)
+    cuda = torch.device("cuda")
+    assert backends.resolve("auto", cuda, "clip", torch.bfloat16, (4096, 512, 0)) == "cuda"
+    usable.discard("cuda")  # the extension did not load: the next fastest
+    assert backends.resolve("auto", cuda, "clip", torch.bfloat16, (4096, 512, 0)) == "triton"
+    # nothing measured for fp32 (or without an op): the default rule
+    monkeypatch.setattr(backends, "_triton_usable", lambda: False)
+    assert backends.resolve("auto", cuda, "clip", torch.float32, (4096, 512, 0)) == "chunked"
+    assert backends.resolve("auto", cuda) == "chunked"
+    assert backends.resolve("auto", torch.device("cpu"), "clip", torch.bfloat16, (4096, 512, 0)) == "chunked"
+    assert backends.resolve("triton", cuda, "clip", torch.bfloat16, (4096, 512, 0)) == "triton"
+
+
+def test_choose_command_and_readme(tmp_path):
+    from benchmarks import choose
+    from benchmarks.__main__ import main
+
+    results = tmp_path / "gpu.jsonl"
+    for rec in (_timed("triton", 9.0), _timed("cuda", 12.0), _timed("triton", 90.0, op="itc")):
+        R.append(rec, results)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{choose.AUTO_MARKERS[0]}\nold\n{choose.AUTO_MARKERS[1]}\nb\n")
+    out = tmp_path / "auto_choice.py"
+    assert main(["choose-auto", str(results), "--out", str(out), "--update-readme", str(readme)]) == 0
+    namespace = {}
+    exec(out.read_text(), namespace)
+    assert [(e["op"], e["ranking"]) for e in namespace["MEASURED"]] == [("clip", ["triton", "cuda"]),
+                                                                         ("itc", ["triton"])]
+    text = readme.read_text()
+    assert "| NVIDIA H100 80GB HBM3 | clip | bf16 | 32768 | 512 | 0 | `triton` | triton 9.00, cuda 12.0 |" in text
+    assert text.startswith("a\n") and text.endswith(f"{choose.AUTO_MARKERS[1]}\nb\n") and "old" not in text
+
+
+def test_committed_auto_choice_matches_the_committed_gpu_results():
+    """auto_choice.py and the README's auto table are what choose-auto makes of results/gpu.jsonl."""
+    from benchmarks import choose
+    from lsr_kernels.backends import auto_choice
+
+    entries = choose.choose(R.load([R.results_path("gpu")]))
+    assert auto_choice.MEASURED == entries, "run `python -m benchmarks choose-auto --update-readme`"
+    readme = (REPO / "README.md").read_text()
+    start, end = choose.AUTO_MARKERS
+    assert readme.split(start, 1)[1].split(end, 1)[0].strip() == choose.markdown(entries).strip()

@@ -32,7 +32,9 @@ the returned loss is a 0-dim **float32** tensor; gradients come back in each inp
 from __future__ import annotations
 
 import importlib
+import math
 from types import ModuleType
+from typing import Optional, Tuple
 
 import torch
 
@@ -54,10 +56,53 @@ def _triton_usable() -> bool:
     return True
 
 
-def resolve(backend: str, device: torch.device) -> str:
+def _usable(name: str) -> bool:
+    if name == "triton":
+        return _triton_usable()
+    if name == "cuda":
+        from . import cuda
+
+        return cuda.HAS_CUDA_EXT
+    return name == "chunked"
+
+
+def lsr_op(views: bool, separation: bool, bridge: bool, geometric: bool) -> str:
+    """The benchmark op (``benchmarks/ops.py``) whose timings stand for an ``lsr_loss`` call."""
+    if views or separation or bridge:
+        return "full"
+    return "clip_gc" if geometric else "clip"
+
+
+def measured_ranking(table, device_name: str, capability: str, op: str, dtype: str, n: int, d: int,
+                     k: int = 0) -> tuple:
+    """The backends fastest first for the closest measured shape of ``op`` in ``dtype`` on this GPU.
+
+    ``table``: entries of :mod:`lsr_kernels.backends.auto_choice`. Entries of the same device name
+    are preferred to others of the same compute capability; among them the shape nearest in
+    ``log N``, ``log D``, ``log(K + 1)`` wins (the later measurement on a tie). ``()`` when nothing
+    of this op and dtype was measured on such a GPU.
+    """
+    def distance(entry):
+        return (abs(math.log(entry["N"] / max(n, 1))) + abs(math.log(entry["D"] / max(d, 1)))
+                + abs(math.log((entry["K"] + 1) / (k + 1))))
+
+    for same in (lambda e: e["device"] == device_name, lambda e: e["capability"] == capability):
+        found = [e for e in table if e["op"] == op and e["dtype"] == dtype and same(e)]
+        if found:
+            best = min(reversed(found), key=distance)  # min keeps the first: the latest on a tie
+            return tuple(best["ranking"])
+    return ()
+
+
+def resolve(backend: str, device: torch.device, op: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+            shape: Tuple[int, int, int] = (0, 0, 0)) -> str:
     """The selection rule for ``backend="auto"``, the only one in the library.
 
-    - CUDA device: ``triton`` when Triton imports, else ``chunked``.
+    - CUDA device: the fastest usable backend that ``benchmarks`` measured on this GPU (or one of its
+      compute capability) for ``op`` (``"clip"``, ``"clip_gc"``, ``"full"`` or ``"itc"``) in this
+      ``dtype`` at the shape nearest ``shape = (N, D, K)``: the table
+      :mod:`lsr_kernels.backends.auto_choice`, written by ``python -m benchmarks choose-auto``.
+      Without a measurement: ``triton`` when Triton imports, else ``chunked``.
     - any other device (CPU, MPS, ...): ``chunked``.
     ``reference`` is never chosen automatically: it materialises N x N matrices.
     An explicit name is returned unchanged (after checking that it is a known name).
@@ -66,9 +111,23 @@ def resolve(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    if device.type == "cuda" and _triton_usable():
-        return "triton"
-    return "chunked"
+    if device.type != "cuda":
+        return "chunked"
+    if op is not None and dtype is not None:
+        from .auto_choice import MEASURED
+
+        if MEASURED:
+            name, capability = _gpu_identity(device)
+            dtype_name = str(dtype).replace("torch.", "")
+            for choice in measured_ranking(MEASURED, name, capability, op, dtype_name, *shape):
+                if _usable(choice):
+                    return choice
+    return "triton" if _triton_usable() else "chunked"
+
+
+def _gpu_identity(device: torch.device) -> Tuple[str, str]:
+    major, minor = torch.cuda.get_device_capability(device)
+    return torch.cuda.get_device_name(device), f"{major}.{minor}"
 
 
 def primitives(backend: str) -> ModuleType:
