@@ -59,6 +59,12 @@ def _signatures(ptr: str, acc_ptr: str):
             **ce_in, **_names(["coef_ptr", "own_lse_ptr", "other_lse_ptr", "soft_lse_ptr"], acc_ptr), "DQ_ptr": ptr,
             "ds_rows_ptr": acc_ptr, **_names(["N", "M", "D", "pos_off"], "i32"), "alpha": "fp32", **strides,
             **_names(["stride_dqs", "stride_dqn", "stride_dqd", "cols_per_split"], "i32")}),
+        "info_nce_fwd_grad": (softmax_ce._info_nce_fwd_grad_kernel, {
+            "Q_ptr": ptr, "K_ptr": ptr, "scale_ptr": acc_ptr,
+            **_names(["part_max_ptr", "part_sum_ptr", "part_dot_ptr", "diag2_ptr", "diag_raw_ptr", "ACC_ptr"],
+                     acc_ptr),
+            **_names(["N", "M", "D", "pos_off", "stride_qn", "stride_qd", "stride_kn", "stride_kd",
+                      "stride_as", "stride_an", "stride_ad", "cols_per_split"], "i32")}),
         "exp_gram_fwd": (exp_gram._exp_gram_fwd_kernel, {
             "X_ptr": ptr, **_names(["sq_ptr", "row_part_ptr"], acc_ptr),
             **_names(["N", "D", "stride_xn", "stride_xd"], "i32"), "neg_t_log2e": "fp32"}),
@@ -78,10 +84,12 @@ FLAGS = {
                        dict(HAS_OWN=True, HAS_OTHER=False, HAS_SOFT=False, COMPUTE_DS=True),
                        dict(HAS_OWN=False, HAS_OTHER=True, HAS_SOFT=False, COMPUTE_DS=False),
                        dict(HAS_OWN=True, HAS_OTHER=False, HAS_SOFT=True, COMPUTE_DS=True)],
+    "info_nce_fwd_grad": [{}],
     "exp_gram_fwd": [{}],
     "exp_gram_bwd": [dict(SPLIT_PRODUCT=True), dict(SPLIT_PRODUCT=False)],
 }
 CONFIGS = {"softmax_ce_fwd": softmax_ce.FORWARD_CONFIGS, "softmax_ce_bwd": softmax_ce.BACKWARD_CONFIGS,
+           "info_nce_fwd_grad": softmax_ce.BACKWARD_CONFIGS,
            "exp_gram_fwd": exp_gram.FORWARD_CONFIGS, "exp_gram_bwd": exp_gram.BACKWARD_CONFIGS}
 
 

@@ -106,6 +106,61 @@ def test_info_nce_partial_requires_grad(cpu, needs):
         assert rel_err(g, h) <= FP32_GRAD_TOL
 
 
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (True, False, True),
+                                   (False, True, True), (False, False, True)],
+                         ids=["all", "a-only", "a-and-scale", "b-and-scale", "scale-only"])
+def test_one_way_info_nce_paths(cpu, monkeypatch, needs):
+    """One-way with a's gradient to come: one pass forms the loss, da and ds (FlashAttention's
+    forward with V = b) and only db is left for the backward; otherwise the statistics-only forward.
+    Either way every requested gradient matches the reference (rectangular b, offset, column splits)."""
+    calls = []
+    for name in ("info_nce_forward_with_grad", "info_nce_forward", "softmax_ce_backward"):
+        real = getattr(softmax_ce, name)
+        monkeypatch.setattr(softmax_ce, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    n, m, d, offset = 11, 75, 20, 40  # 75 columns: several column splits in the interpreter
+    a, b = unit_rows(n, d, requires_grad=needs[0]), unit_rows(m, d, requires_grad=needs[1])
+    s = _scale(9.0, requires_grad=needs[2])
+    wanted = [t for t, need in zip((a, b, s), needs) if need]
+    ours = T.info_nce(a, b, s, False, offset)
+    got = torch.autograd.grad(ours * 1.5, wanted)
+    ref = R.info_nce(a, b, s, False, offset)
+    assert rel_err(ours, ref) <= FP32_LOSS_TOL
+    for g, h in zip(got, torch.autograd.grad(ref * 1.5, wanted)):
+        assert rel_err(g, h) <= FP32_GRAD_TOL
+    if needs[0]:
+        assert calls == ["info_nce_forward_with_grad"] + (["softmax_ce_backward"] if needs[1] else [])
+    else:
+        assert calls[0] == "info_nce_forward" and "info_nce_forward_with_grad" not in calls
+
+
+def test_one_way_info_nce_without_grad_mode_takes_the_statistics_pass(cpu, monkeypatch):
+    calls = []
+    real = softmax_ce.info_nce_forward_with_grad
+    monkeypatch.setattr(softmax_ce, "info_nce_forward_with_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a, b = unit_rows(9, 8, requires_grad=True), unit_rows(9, 8)
+    with torch.no_grad():
+        loss = T.info_nce(a, b, _scale(), False)
+    assert not calls and rel_err(loss, R.info_nce(a.detach(), b, _scale(), False)) <= FP32_LOSS_TOL
+
+
+@pytest.mark.parametrize("d", [48, 70], ids=["D=48", "D=70-three-slices"])
+def test_one_way_forward_with_grad_over_d_slices(cpu, d):
+    """D wider than BLOCK_DO (32 in the interpreter): each slice recomputes the tiles, one reports."""
+    a, b = unit_rows(21, d), unit_rows(21, d)
+    _compare(lambda a, b, s: T.info_nce(a, b, s, False), lambda a, b, s: R.info_nce(a, b, s, False),
+             [a, b, _scale(12.0)], wrt=[0, 1, 2])
+
+
+def test_one_way_positive_alone_gives_exact_zeros(cpu):
+    """A row whose positive is the only term (other logits underflow): loss, da and ds exactly 0."""
+    a = torch.eye(4, 16)
+    b = torch.eye(4, 16)
+    a, b, s = *_leaves(a, b), _scale(1000.0)
+    loss = T.info_nce(a, b, s, False)
+    da, ds = torch.autograd.grad(loss, [a, s])
+    assert loss.item() == 0.0 and ds.item() == 0.0 and torch.count_nonzero(da) == 0
+
+
 def test_info_nce_large_scale_is_stable(cpu):
     """s = 1000 (ALBEF's temperature floor): logits span +-1443 in base 2, far beyond exp's range."""
     a, b = unit_rows(17, 8), unit_rows(17, 8)
@@ -357,7 +412,8 @@ def test_fake_impls_give_shapes_only():
 def test_kernels_build_for_sm90_without_a_gpu():
     """The interpreter accepts things the GPU compiler does not: build the bf16 kernels for sm_90 with
     Triton's bundled ptxas (no device needed; scripts/triton_sm90_sweep.py, whose --all mode covers
-    every config). The two info_nce kernels of the CLIP hot path must not spill registers."""
+    every config). The info_nce kernels (the CLIP hot path's two and the one-way forward with the
+    gradient) must not spill registers in their first config."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -365,9 +421,9 @@ def test_kernels_build_for_sm90_without_a_gpu():
     done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("BUILT")]
-    assert len(lines) == 4, done.stdout
-    for line in lines[:2]:
-        assert "STACK:" not in line or "STACK:0" in line, f"register spills in the CLIP hot path: {line}"
+    assert len(lines) == 5, done.stdout
+    for line in lines[:3]:
+        assert "STACK:" not in line or "STACK:0" in line, f"register spills in an info_nce kernel: {line}"
 
 
 # ========================================================================================= GPU
@@ -432,6 +488,8 @@ def test_gpu_every_autotune_config(cuda_device):
     ref_grads = torch.autograd.grad(ref, [*ex, s64])
     ref_itc = R.itc_soft_ce(ex[0], q_m.double(), bank.double(), s64, 0.4)
     ref_itc_grads = torch.autograd.grad(ref_itc, [ex[0], s64])
+    ref_one_way = R.info_nce(ex[0], ex[1], s64, False)
+    ref_one_way_grads = torch.autograd.grad(ref_one_way, [ex[0], s64])
     ref_gram = R.exp_gram_sum(ex[0], 2.0)
     ref_gram_grad, = torch.autograd.grad(ref_gram, [ex[0]])
     tol = 2e-2  # bf16 arithmetic on 700 x 200: well above its ~4e-3 error, far below a wrong kernel's O(1)
@@ -450,6 +508,10 @@ def test_gpu_every_autotune_config(cuda_device):
         got = softmax_ce.itc_backward(grad, a, q_m, bank, s, itc_lse2, 0.4, True, True, config=cfg)
         for g, h in zip(got, ref_itc_grads):
             assert rel_err(g, h) < tol, cfg
+        loss, _, h_b, h_dot = softmax_ce.info_nce_forward_with_grad(a, b, s, config=cfg)
+        assert rel_err(loss, ref_one_way) < 1e-3, cfg
+        assert rel_err(h_b.float() * (s / n), ref_one_way_grads[0]) < tol, cfg
+        assert rel_err(h_dot / n, ref_one_way_grads[1]) < tol, cfg
     for cfg in exp_gram.FORWARD_CONFIGS:
         total, _ = exp_gram.exp_gram_forward(a, 2.0, config=cfg)
         assert rel_err(total, ref_gram) < 1e-4, cfg
