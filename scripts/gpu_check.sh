@@ -9,7 +9,8 @@
 # build, tests, bench-core, bench-sweep, bench-maxn), -h/--help. Environment: OUT (output folder;
 # default ./out/gpu_check), PYTHON (default: python, else python3), LSR_BENCH_COMMIT (the commit
 # to record when the tree has no .git), per-stage caps in seconds: BUILD_TIMEOUT (210),
-# TESTS_TIMEOUT (150), CORE_TIMEOUT (120), SWEEP_TIMEOUT (75), MAXN_TIMEOUT (100).
+# TESTS_TIMEOUT (150), CORE_TIMEOUT (120), SWEEP_TIMEOUT (75), MAXN_TIMEOUT (100); TEST_WORKERS (8:
+# pytest-xdist processes for the GPU tests, when xdist is installed).
 #
 # The GPU machine has no network: nothing is downloaded. Inf-CL (a baseline) is installed from the
 # wheel in benchmarks/wheels/ with --no-deps --no-index, and open_clip's loss.py is read from its
@@ -23,7 +24,7 @@
 #     && python -m benchmarks choose-auto --update-readme      # auto's GPU choice from those timings
 set -uo pipefail
 
-usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
 
 DRY_RUN=${DRY_RUN:-0}
 BUDGET=480
@@ -199,9 +200,14 @@ else
     # fused backends' files first, so a stage cut by its limit has them.
     FIRST="tests/test_parity.py tests/test_triton.py tests/test_cuda.py tests/test_train.py"
     REST=$(for f in tests/test_*.py; do case " $FIRST " in *" $f "*) ;; *) printf '%s ' "$f" ;; esac; done)
+    # Most of the stage is Triton compiling a kernel per dtype x shape specialisation, one core each:
+    # with pytest-xdist (in the GPU image) TEST_WORKERS processes compile in parallel and share the GPU.
+    # -v names each test as it ends, so a stage cut by its limit still says what passed.
+    WORKERS=()
+    if "$PYTHON" -c "import xdist" >/dev/null 2>&1; then WORKERS=(-n "${TEST_WORKERS:-8}"); fi
     # shellcheck disable=SC2086  # word splitting of the file lists is intended
     run_stage tests "${TESTS_TIMEOUT:-150}" "$TESTS_LOG" env LSR_TEST_GPU=1 LSR_TRITON_AUTOTUNE=0 \
-        "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -ra $FIRST $REST
+        "$PYTHON" -m pytest -m gpu -v --tb=short -p no:cacheprovider -ra ${WORKERS[@]+"${WORKERS[@]}"} $FIRST $REST
 fi
 
 # ------------------------------------------------------------------------------ benchmarks
