@@ -509,17 +509,18 @@ def _train(args: argparse.Namespace, ranks: Ranks, *, stop_after: Optional[int],
         if args.batch_size % ranks.world or args.batch_size // ranks.world < 2:
             raise ValueError(f"--batch-size {args.batch_size} (the global batch) must split into {ranks.world} "
                              f"equal rank batches of at least 2 rows")
-        # What LSRLoss / the ITC loss will resolve to for this run's features (float32 [rows, embed_dim]).
-        rows = args.batch_size // ranks.world
-        if args.model == "clip":
-            op = backends.lsr_op(views, weights["sep"] > 0, weights["br"] > 0, weights["gc"] > 0)
-            shape = (rows, args.embed_dim, 0)
-        else:
-            op, shape = "itc", (rows, args.embed_dim, args.queue_size)
-        backend = backends.resolve(args.backend, device, op, torch.float32, shape)
         resume_state = load_checkpoint(checkpoint_path(args.resume)) if args.resume else None
         if resume_state is not None and resume_state["step"] > args.steps:
             raise ValueError(f"--steps {args.steps} is below the checkpoint's step {resume_state['step']}")
+        # What LSRLoss / the ITC loss will resolve to for this run's float32 [rows, embed_dim] features.
+        sizes = resume_state["model_config"] if resume_state is not None else vars(args)
+        rows = args.batch_size // ranks.world
+        if args.model == "clip":
+            op = backends.lsr_op(views, weights["sep"] > 0, weights["br"] > 0, weights["gc"] > 0)
+            shape = (rows, sizes["embed_dim"], 0)
+        else:
+            op, shape = "itc", (rows, sizes["embed_dim"], sizes["queue_size"])
+        backend = backends.resolve(args.backend, device, op, torch.float32, shape)
     except InputError:
         raise
     except ValueError as err:
