@@ -1,5 +1,5 @@
-// lsr_kernels::info_nce_fwd / info_nce_bwd: schema, argument checks and dispatch (kernels in
-// info_nce_kernels.cu). CE(X) or (CE(X) + CE(X^T)) / 2 for X = scale * a b^T, SPEC 2.1.
+// lsr_kernels::info_nce_fwd / info_nce_bwd / info_nce_fwd_grad: schema, argument checks and dispatch
+// (kernels in info_nce_kernels.cu). CE(X) or (CE(X) + CE(X^T)) / 2 for X = scale * a b^T, SPEC 2.1.
 #include <tuple>
 
 #include "checks.h"
@@ -9,6 +9,7 @@ namespace {
 
 constexpr const char* kFwd = "lsr_kernels::info_nce_fwd";
 constexpr const char* kBwd = "lsr_kernels::info_nce_bwd";
+constexpr const char* kFwdGrad = "lsr_kernels::info_nce_fwd_grad";
 
 // a:      [N, D]  fp32 / fp64 / fp16 / bf16, CUDA, contiguous
 // b:      [N, D]  same dtype and device as a; one-way: [M, D] with M >= N
@@ -82,14 +83,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_fwd(const at::Tensor& a,
   return {(row_term.sum() + col_term.sum()) / static_cast<double>(2 * n), lse_row, lse_col};
 }
 
+// One-way CE(s a b^T) with a's gradient formed in the same pass (no recompute in the backward).
+// a: [N, D], b: [M, D] (M >= N), scale, offset: as info_nce_fwd with symmetric = false
+// returns loss [] (acc), lse_row [N] (acc), grad_unit [N, D] (a's dtype): sum_j P_ij b_j - b_(i + offset),
+//         ds [] (acc): sum_ij (P - I)_ij <a_i, b_j>;  dL/da = g s / N grad_unit, dL/ds = g / N ds
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_fwd_grad(const at::Tensor& a,
+                                                                             const at::Tensor& b,
+                                                                             const at::Tensor& scale,
+                                                                             int64_t offset) {
+  check_features(a, kFwdGrad, "a");
+  check_like(b, a, -1, kFwdGrad, "b", "a");
+  check_offset(a, b, false, offset, kFwdGrad);
+  DeviceScope device_scope(a);
+  check_arch(a, kFwdGrad);
+  const at::Tensor s = scalar_arg(scale, a, kFwdGrad, "scale");
+  const int64_t n = a.size(0), m = b.size(0), d = a.size(1);
+  const auto acc_opts = a.options().dtype(acc_type(a.scalar_type()));
+  at::Tensor lse_row = at::empty({n}, acc_opts), row_term = at::empty({n}, acc_opts);
+  at::Tensor ds_row = at::empty({n}, acc_opts);
+  at::Tensor grad_unit = at::empty_like(a);
+
+  InfoNceFwdGradParams p{};
+  p.dtype = to_dtype(a.scalar_type(), kFwdGrad, "a");
+  p.a = a.data_ptr();
+  p.b = b.data_ptr();
+  p.scale = s.data_ptr();
+  p.n = static_cast<int>(n);
+  p.m = static_cast<int>(m);
+  p.d = static_cast<int>(d);
+  p.pos_off = static_cast<int>(offset);
+  p.vec = can_vectorize({a, b}, d);
+  p.lse_row = lse_row.data_ptr();
+  p.row_term = row_term.data_ptr();
+  p.grad_unit = grad_unit.data_ptr();
+  p.ds_row = ds_row.data_ptr();
+  check_launch(launch_info_nce_fwd_grad(p, max_smem_optin(), current_stream()), kFwdGrad);
+  return {row_term.sum() / static_cast<double>(n), lse_row, grad_unit, ds_row.sum()};
+}
+
 // grad_loss:  one element, the upstream gradient of the loss
 // a, b:       [N, D] and [N, D] or [M, D] as in the forward;  scale: one element;  offset as the forward
 // lse_row:    [N] acc;  lse_col: [N] acc when symmetric (ignored otherwise)
-// returns grad_a [N, D], grad_b like b ([0] unless compute_grad_b), grad_scale [] (acc)
+// returns grad_a [N, D] ([0] unless compute_grad_a), grad_b like b ([0] unless compute_grad_b),
+//         grad_scale [] (acc; 0 unless compute_grad_a: it comes from grad_a's launch)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_bwd(const at::Tensor& grad_loss, const at::Tensor& a,
                                                             const at::Tensor& b, const at::Tensor& scale,
                                                             const at::Tensor& lse_row, const at::Tensor& lse_col,
-                                                            bool symmetric, bool compute_grad_b, int64_t offset) {
+                                                            bool symmetric, bool compute_grad_b, int64_t offset,
+                                                            bool compute_grad_a) {
   check_features(a, kBwd, "a");
   check_like(b, a, symmetric ? a.size(0) : -1, kBwd, "b", "a");
   check_offset(a, b, symmetric, offset, kBwd);
@@ -108,8 +149,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_bwd(const at::Tensor& gr
   const int block_rows = info_nce_bwd_block_rows(dtype);
   const bool vec = can_vectorize({a, b}, d);
 
-  at::Tensor grad_a = at::empty_like(a);
-  at::Tensor ds_partial = at::empty({(n + block_rows - 1) / block_rows}, acc_opts);
+  at::Tensor grad_a = compute_grad_a ? at::empty_like(a) : at::empty({0}, a.options());
+  at::Tensor ds_partial = compute_grad_a ? at::empty({(n + block_rows - 1) / block_rows}, acc_opts)
+                                         : at::zeros({1}, acc_opts);
   InfoNceBwdParams p{};
   p.dtype = dtype;
   p.a = a.data_ptr();
@@ -128,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_bwd(const at::Tensor& gr
   p.inv_norm = inv_norm;
   p.grad_a = grad_a.data_ptr();
   p.ds_partial = ds_partial.data_ptr();
-  check_launch(launch_info_nce_bwd(p, max_smem, stream), kBwd);
+  if (compute_grad_a) check_launch(launch_info_nce_bwd(p, max_smem, stream), kBwd);
 
   at::Tensor grad_b = at::empty({0}, a.options());
   if (compute_grad_b) {
@@ -161,10 +203,12 @@ LSR_LIBRARY_FRAGMENT(LSR_OPS_NAMESPACE, m) {
   m.def("info_nce_fwd(Tensor a, Tensor b, Tensor scale, bool symmetric, int offset) -> (Tensor, Tensor, Tensor)");
   m.def(
       "info_nce_bwd(Tensor grad_loss, Tensor a, Tensor b, Tensor scale, Tensor lse_row, Tensor lse_col, "
-      "bool symmetric, bool compute_grad_b, int offset) -> (Tensor, Tensor, Tensor)");
+      "bool symmetric, bool compute_grad_b, int offset, bool compute_grad_a=True) -> (Tensor, Tensor, Tensor)");
+  m.def("info_nce_fwd_grad(Tensor a, Tensor b, Tensor scale, int offset) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 LSR_LIBRARY_IMPL(LSR_OPS_NAMESPACE, LSR_DISPATCH_KEY, m) {
   m.impl("info_nce_fwd", &lsr::info_nce_fwd);
   m.impl("info_nce_bwd", &lsr::info_nce_bwd);
+  m.impl("info_nce_fwd_grad", &lsr::info_nce_fwd_grad);
 }

@@ -18,6 +18,11 @@
 // One kernel computes "grad of the left operand": launched on (a, b) for grad_a and grad_s, and on
 // (b, a) with the roles of the statistics swapped for grad_b. Each launch recomputes the S tiles
 // from the saved statistics; nothing N x N is stored.
+//
+// One-way with a's gradient to come (info_nce_fwd_grad_kernel): P_row is final within a row
+// block's pass, so that pass also accumulates sum_j exp(X[i, j] - ref_i) b_j and its scale sum
+// (FlashAttention's forward with V = b) and returns grad_a / (g s / N) with the loss; the backward
+// then launches only for grad_b: 4 N M D products instead of 5.
 #include "static_switch.h"
 #include "tile_gemm.cuh"
 
@@ -146,9 +151,10 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_fwd_kernel
     for (int rd = 0; rd < K::kRounds; ++rd) {
       const int row = rd * K::kRowsPerRound + warp * 4 + grp;
       if (row < a_rows) {
-        const acc_t lse = run_m[rd] + log_acc(run_l[rd]);
-        lse_row[r0 + row] = lse;
-        row_term[r0 + row] = lse - s * diag[rd];
+        // (max - X[i, i]) + log(sum): no cancellation of two ~s-sized numbers when the loss is small
+        const acc_t log_l = log_acc(run_l[rd]);
+        lse_row[r0 + row] = run_m[rd] + log_l;
+        row_term[r0 + row] = (run_m[rd] - s * diag[rd]) + log_l;
         if constexpr (FUSED) static_cast<acc_t*>(p.diag)[r0 + row] = diag[rd];
       }
     }
@@ -161,9 +167,9 @@ __global__ void info_nce_col_finalize_kernel(const InfoNceColFinalizeParams p) {
   const unsigned long long packed = p.col_stats[j];
   const float m = __uint_as_float(static_cast<unsigned>(packed & 0xffffffffull));
   const float l = __uint_as_float(static_cast<unsigned>(packed >> 32));
-  const float lse = m + logf(l);
-  p.lse_col[j] = lse;
-  p.col_term[j] = lse - p.scale[0] * p.diag[j];
+  const float log_l = logf(l);
+  p.lse_col[j] = m + log_l;
+  p.col_term[j] = (m - p.scale[0] * p.diag[j]) + log_l;
 }
 
 // ----------------------------------------------------------------------------------- backward
@@ -236,6 +242,118 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_bwd_kernel
   }
 }
 
+// --------------------------------------------------------------- one-way forward with the gradient
+// The backward kernel's layout plus staging for RowGemm::scale_rows; "rows" holds per-row factors.
+template <typename T>
+struct FwdGradLayout {
+  using Base = RowBwdLayout<T, 1>;
+  static constexpr size_t kOffStaging = align_up(Base::kSmemBytes);
+  static constexpr size_t kSmemBytes = kOffStaging + Base::Gemm2::kStagingBytes;
+};
+
+// Lazy rescaling (as FlashAttention-4 does): exponentials are taken against a per-row reference
+// max that moves only when a tile's max exceeds it by more than kTau, so the accumulated rows are
+// rescaled (a round trip through shared memory for the opaque wmma fragments) only a few times per
+// row. Every weight stays <= e^kTau; kPScale keeps fp16 weights out of its subnormals while
+// e^kTau * kPScale < 65504 (bf16, fp32 and fp64 need no scale).
+template <typename T>
+struct FwdGradWeights {
+  static constexpr float kTau = 8.0f;
+  static constexpr float kPScale = std::is_same<T, __half>::value ? 16.0f : 1.0f;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_fwd_grad_kernel(const InfoNceFwdGradParams p) {
+  using K = RowBwdLayout<T, 1>;
+  using acc_t = typename K::acc_t;
+  constexpr bool kFast = Types<T>::kTensorCore;
+  constexpr acc_t kTau = FwdGradWeights<T>::kTau;
+  constexpr acc_t kPScale = FwdGradWeights<T>::kPScale;
+  LSR_DYNAMIC_SMEM(smem);
+  T* gemm1_smem = reinterpret_cast<T*>(smem);
+  acc_t* S = reinterpret_cast<acc_t*>(smem + K::kOffS);
+  acc_t* rows = reinterpret_cast<acc_t*>(smem + K::kOffRows);
+  void* staging = smem + FwdGradLayout<T>::kOffStaging;
+  typename K::Gemm2 gemm2;
+  gemm2.init(reinterpret_cast<T*>(smem + K::kOffG2));
+
+  const T* A = static_cast<const T*>(p.a);
+  const T* B = static_cast<const T*>(p.b);
+  const int N = p.n, M = p.m, D = p.d;
+  const int r0 = blockIdx.x * K::BM;
+  const int a_rows = min(K::BM, N - r0);
+  const int d0 = blockIdx.y * K::Gemm2::DC;
+  const acc_t s = *static_cast<const acc_t*>(p.scale);
+  const acc_t kNegInf = -INFINITY;
+
+  const int row = threadIdx.x / K::kTPR, part = threadIdx.x % K::kTPR;
+  const bool row_ok = row < a_rows;
+  const int pos_col = r0 + row + p.pos_off;
+  // Per row, replicated in its kTPR threads: the reference max; per thread: partial sums over its
+  // columns of the weights h = exp(x - ref), of h S, and the positive's S.
+  acc_t ref = kNegInf, l_part = acc_t(0), w_part = acc_t(0), diag_part = acc_t(0);
+
+  const T* a_ops[1] = {A + static_cast<int64_t>(r0) * D};
+  acc_t* s_ops[1] = {S};
+  for (int c0 = 0; c0 < M; c0 += K::BN) {
+    const int b_rows = min(K::BN, M - c0);
+    const T* b_blk = B + static_cast<int64_t>(c0) * D;
+    gemm2.prefetch(b_blk, b_rows, d0, D, p.vec);
+    K::Gemm1::run(a_ops, a_rows, b_blk, b_rows, D, p.vec, gemm1_smem, s_ops, K::LDS);
+    __syncthreads();
+    acc_t tile_m = kNegInf;
+#pragma unroll
+    for (int k = 0; k < K::BN / K::kTPR; ++k) {
+      const int c = part + K::kTPR * k;
+      if (row_ok && c < b_rows) tile_m = max_acc(tile_m, s * S[row * K::LDS + c]);
+    }
+    tile_m = group_max<K::kTPR>(tile_m);
+    const bool bump = tile_m > ref + kTau;  // never for invalid rows (tile_m = -inf)
+    acc_t factor = acc_t(1);
+    if (bump) {
+      factor = exp_acc<kFast>(ref - tile_m);  // 0 on the first tile (ref = -inf)
+      ref = tile_m;
+      l_part *= factor;
+      w_part *= factor;
+    }
+    if (part == 0) rows[row] = factor;
+    // block-uniform: rescale what the earlier tiles accumulated (nothing yet on the first tile)
+    if (__syncthreads_or(bump && c0 > 0)) gemm2.scale_rows(rows, staging);
+#pragma unroll
+    for (int k = 0; k < K::BN / K::kTPR; ++k) {
+      const int c = part + K::kTPR * k;
+      const acc_t sv = S[row * K::LDS + c];
+      acc_t h = acc_t(0);  // invalid rows / columns: weight 0 (their B rows are zeros as well)
+      if (row_ok && c < b_rows) {
+        h = exp_acc<kFast>(s * sv - ref);
+        if (pos_col - c0 == c) diag_part = sv;
+      }
+      l_part += h;
+      w_part += h * sv;
+      gemm2.sH[row * K::Gemm2::LDH + c] = Convert<T>::from(h * kPScale);
+    }
+    gemm2.accumulate(d0, D);
+    __syncthreads();  // sH, sB2, S and rows are rewritten by the next tile
+  }
+
+  const acc_t l = group_sum<K::kTPR>(l_part);
+  const acc_t w = group_sum<K::kTPR>(w_part);
+  const acc_t diag = group_sum<K::kTPR>(diag_part);  // one thread of the row holds the positive
+  if (part == 0) rows[row] = row_ok ? l : acc_t(1);
+  if (part == 0 && row_ok && blockIdx.y == 0) {  // the D-chunks repeat the same statistics
+    const acc_t log_l = log_acc(l);
+    static_cast<acc_t*>(p.lse_row)[r0 + row] = ref + log_l;
+    static_cast<acc_t*>(p.row_term)[r0 + row] = (ref - s * diag) + log_l;
+    static_cast<acc_t*>(p.ds_row)[r0 + row] = w / l - diag;
+  }
+  __syncthreads();
+  T* grad_unit = static_cast<T*>(p.grad_unit);
+  gemm2.store(staging, a_rows, d0, D, [&](int r, int col, acc_t v) {
+    const int64_t pos = static_cast<int64_t>(r0 + r + p.pos_off) * D + col;
+    grad_unit[static_cast<int64_t>(r0 + r) * D + col] = Convert<T>::from(v / (kPScale * rows[r]) - to_acc(B[pos]));
+  });
+}
+
 // ----------------------------------------------------------------------------------- launchers
 template <typename T, bool FUSED>
 cudaError_t launch_fwd(const InfoNceFwdParams& p, int max_smem, cudaStream_t stream) {
@@ -278,6 +396,14 @@ cudaError_t launch_info_nce_bwd(const InfoNceBwdParams& p, int max_smem, cudaStr
     if (p.use_row) return launch_bwd<T, true, false>(p, max_smem, stream);
     if (p.use_col) return launch_bwd<T, false, true>(p, max_smem, stream);
     return cudaErrorInvalidValue;
+  });
+}
+
+cudaError_t launch_info_nce_fwd_grad(const InfoNceFwdGradParams& p, int max_smem, cudaStream_t stream) {
+  return DTYPE_SWITCH(p.dtype, T, [&] {
+    using K = RowBwdLayout<T, 1>;
+    const dim3 grid(ceil_div(p.n, K::BM), ceil_div(p.d, K::Gemm2::DC));
+    return launch_fused(info_nce_fwd_grad_kernel<T>, grid, FwdGradLayout<T>::kSmemBytes, max_smem, stream, p);
   });
 }
 

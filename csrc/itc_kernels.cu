@@ -115,10 +115,12 @@ __global__ void __launch_bounds__(kThreads) itc_fwd_kernel(const ItcFwdParams p)
     for (int rd = 0; rd < K::kRounds; ++rd) {
       const int row = rd * K::kRowsPerRound + warp * 4 + grp;
       if (row < a_rows) {
-        const acc_t lse1 = m1[rd] + log_acc(l1[rd]);
-        lse[r0 + row] = lse1;
+        const acc_t log_l1 = log_acc(l1[rd]);
+        const acc_t pos = s * dg[rd];
+        lse[r0 + row] = m1[rd] + log_l1;
         lse_m[r0 + row] = m2[rd] + log_acc(l2[rd]);
-        row_term[r0 + row] = lse1 - alpha * (w2[rd] / l2[rd]) - (acc_t(1) - alpha) * s * dg[rd];
+        // (LSE - X_ii) - alpha (sum_j Pm_ij X_ij - X_ii), the first difference taken at the max
+        row_term[r0 + row] = ((m1[rd] - pos) + log_l1) - alpha * (w2[rd] / l2[rd] - pos);
       }
     }
   }

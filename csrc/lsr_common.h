@@ -60,6 +60,24 @@ struct InfoNceBwdParams {
   void* ds_partial;     // [ceil(n / BM)] acc, or nullptr
 };
 
+// One-way CE(X) with the gradient of the left operand in the same pass (FlashAttention's forward
+// with V = b): per row, lse_row, row_term as InfoNceFwdParams, and
+//   grad_unit[r] = sum_c P[r, c] b_c - b_(r + pos_off)   (dL/da_r = g s / n * grad_unit[r]),
+//   ds_row[r]    = sum_c P[r, c] S[r, c] - S[r, r + pos_off]   (dL/ds = g / n * sum_r ds_row[r]).
+struct InfoNceFwdGradParams {
+  DType dtype;
+  const void* a;        // [n, d]
+  const void* b;        // [m, d], m >= n
+  const void* scale;    // [1] acc
+  int n, m, d;
+  int pos_off;          // the positive of row i is column i + pos_off (0 <= pos_off <= m - n)
+  bool vec;
+  void* lse_row;        // [n] acc
+  void* row_term;       // [n] acc: lse_row[i] - X[i, i + pos_off]
+  void* grad_unit;      // [n, d] in the input dtype
+  void* ds_row;         // [n] acc
+};
+
 // ----------------------------------------------------------------------------------- exp_gram
 struct RowNormsParams {
   DType dtype;
@@ -128,6 +146,7 @@ cudaError_t launch_info_nce_fwd(const InfoNceFwdParams& p, int max_smem, cudaStr
 cudaError_t launch_info_nce_col_finalize(const InfoNceColFinalizeParams& p, cudaStream_t stream);
 cudaError_t launch_info_nce_bwd(const InfoNceBwdParams& p, int max_smem, cudaStream_t stream);
 int info_nce_bwd_block_rows(DType dtype);  // rows per backward block (sizes the grad_s partials)
+cudaError_t launch_info_nce_fwd_grad(const InfoNceFwdGradParams& p, int max_smem, cudaStream_t stream);
 
 cudaError_t launch_row_norms(const RowNormsParams& p, cudaStream_t stream);
 cudaError_t launch_exp_gram_fwd(const ExpGramFwdParams& p, int max_smem, cudaStream_t stream);

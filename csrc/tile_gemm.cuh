@@ -396,7 +396,9 @@ using TileGemm = typename std::conditional<Types<T>::kTensorCore, TcTileGemm<T, 
 //   sH  [BM][LDH]: the gradient weights of the current tile, written by the caller (element type T);
 //   sB2 [BN][LDB2]: B[c0:c0+BN, d0:d0+DC], loaded by prefetch() (async on the tensor-core path).
 // Protocol per column tile: prefetch(); ... write sH ...; accumulate(); __syncthreads().
-// store() hands each valid (row, col, value) to a functor once, after the last tile.
+// scale_rows() rescales the accumulated rows (an online softmax whose reference max moved); every
+// thread calls it, between tiles. store() hands each valid (row, col, value) to a functor once,
+// after the last tile.
 
 // ----------------------------------------------------------------- tensor cores (fp16 / bf16)
 template <typename T, int BM, int BN, int F>
@@ -452,6 +454,30 @@ struct TcRowGemm {
         wmma::load_matrix_sync(af, sH + 16 * i * LDH + kk, LDH);
 #pragma unroll
         for (int j = 0; j < F; ++j) wmma::mma_sync(acc[i][j], af, bf[j], acc[i][j]);
+      }
+    }
+#else
+    __trap();
+#endif
+  }
+
+  // acc[r][:] *= factors[r] for the BM rows (factors in shared memory). The fragments' layout is
+  // opaque, so each goes through `staging` (kStagingBytes no other thread uses) and back.
+  __device__ void scale_rows(const float* factors, void* staging) {
+#ifndef LSR_NO_SM80
+    using namespace nvcuda;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float* tile = static_cast<float*>(staging) + warp * 256;
+#pragma unroll
+    for (int i = 0; i < FM; ++i) {
+#pragma unroll
+      for (int j = 0; j < F; ++j) {
+        wmma::store_matrix_sync(tile, acc[i][j], 16, wmma::mem_row_major);
+        __syncwarp();
+        for (int e = lane; e < 256; e += 32) tile[e] *= factors[16 * i + (e >> 4)];
+        __syncwarp();
+        wmma::load_matrix_sync(acc[i][j], tile, 16, wmma::mem_row_major);
+        __syncwarp();  // the next fragment reuses the tile
       }
     }
 #else
@@ -530,6 +556,17 @@ struct FmaRowGemm {
 #pragma unroll
         for (int j = 0; j < TN; ++j) acc[i][j] = fma(h, bv[j], acc[i][j]);
       }
+    }
+  }
+
+  // acc[r][:] *= factors[r]: each thread owns its rows' accumulators.
+  __device__ void scale_rows(const acc_t* factors, void* /*staging*/) {
+    const int ty = threadIdx.x / 16;
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+      const acc_t f = factors[ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < TN; ++j) acc[i][j] *= f;
     }
   }
 

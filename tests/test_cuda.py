@@ -172,7 +172,8 @@ def test_extension_compiles_for_sm90_and_loads(tmp_path):
         from lsr_kernels.backends import cuda
         cuda.load_jit(build_directory=sys.argv[1])
         assert cuda.HAS_CUDA_EXT
-        for name in ("info_nce_fwd", "info_nce_bwd", "exp_gram_fwd", "exp_gram_bwd", "itc_fwd", "itc_bwd"):
+        for name in ("info_nce_fwd", "info_nce_bwd", "info_nce_fwd_grad", "exp_gram_fwd", "exp_gram_bwd",
+                     "itc_fwd", "itc_bwd"):
             print(getattr(torch.ops.lsr_kernels, name).default._schema)
     """)
     env = dict(os.environ, TORCH_CUDA_ARCH_LIST="9.0", MAX_JOBS=os.environ.get("MAX_JOBS", "2"),
@@ -269,6 +270,73 @@ def test_emulated_info_nce_rectangular_offset(emu, dtype):
     s = _scale(8.0, dtype, "cpu")
     _compare(lambda a, b, s: emu.info_nce(a, b, s, False, 120), lambda a, b, s: R.info_nce(a, b, s, False, 120),
              [a, b, s], dtype, "info_nce rectangular offset")
+
+
+def _increasing_similarity_columns(d, dtype, scale):
+    """3 rows against 200 columns (two 64-column tiles and more) whose similarity to each row grows
+    from tile to tile, ending with the positive: with a scale of 100 (CLIP's largest) the row max
+    jumps by ~29 per tile, far more than the kernel's lazy-rescale threshold (8), so the accumulated
+    rows get rescaled."""
+    g = torch.Generator().manual_seed(3)
+    a = F.normalize(torch.randn(3, d, generator=g, dtype=torch.float64), dim=-1)
+    noise = F.normalize(torch.randn(200, d, generator=g, dtype=torch.float64), dim=-1)
+    cos = torch.linspace(0.0, 0.9, 200, dtype=torch.float64)[:, None]
+    rows = torch.arange(200) % 3
+    b = F.normalize(cos * a[rows] + (1 - cos) * noise, dim=-1)
+    b[197:] = a  # the positives (offset 197) in the last tile
+    return a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_(), _scale(scale, dtype, "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("scale", [100.0, 20.0], ids=["rescales", "lazy"])
+def test_emulated_one_way_forward_with_grad(emu, dtype, scale):
+    """One-way with a's gradient formed in the forward (info_nce_fwd_grad): its online softmax
+    against a lazily moved reference max, including rows rescaled on later tiles."""
+    a, b, s = _increasing_similarity_columns(24, dtype, scale)
+    _compare(lambda a, b, s: emu.info_nce(a, b, s, False, 197), lambda a, b, s: R.info_nce(a, b, s, False, 197),
+             [a, b, s], dtype, f"info_nce_fwd_grad scale={scale}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, True),
+                                   (False, False, True)], ids=["all", "a-only", "b-and-scale", "scale-only"])
+def test_emulated_one_way_launches_what_the_gradients_need(emu, needs):
+    """a needs a gradient: info_nce_fwd_grad, then (for b) info_nce_bwd without the grad_a launch;
+    otherwise the statistics-only forward and the usual backward."""
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            op = getattr(emu.ops, name)
+            return lambda *args: calls.append((name, args[-1] if name == "info_nce_bwd" else None)) or op(*args)
+
+    prims = cuda_backend._make_primitives(Spy())
+    a, b = _unit(19, 12, torch.float32, "cpu", requires_grad=needs[0]), \
+        _unit(70, 12, torch.float32, "cpu", requires_grad=needs[1])
+    s = _scale(6.0, torch.float32, "cpu").requires_grad_(needs[2])
+    wanted = [t for t, need in zip((a, b, s), needs) if need]
+    loss = prims.info_nce(a, b, s, False, 40)
+    got = torch.autograd.grad(loss, wanted)
+    ref = R.info_nce(a, b, s, False, 40)
+    for g, h in zip(got, torch.autograd.grad(ref, wanted)):
+        assert _rel(g, h)[0] < 1e-5
+    assert _rel(loss, ref)[0] < 1e-6
+    if needs[0]:
+        assert calls == [("info_nce_fwd_grad", None)] + ([("info_nce_bwd", False)] if needs[1] else [])
+    else:
+        assert calls[0][0] == "info_nce_fwd" and all(name != "info_nce_fwd_grad" for name, _ in calls)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+def test_emulated_one_way_lone_positive_is_exactly_zero(emu, dtype):
+    a = torch.eye(4, 16, dtype=dtype).requires_grad_()
+    b = torch.eye(4, 16, dtype=dtype).requires_grad_()
+    s = _scale(1000.0, dtype, "cpu")
+    loss = emu.info_nce(a, b, s, False)
+    da, ds = torch.autograd.grad(loss, [a, s])
+    assert loss.item() == 0.0 and ds.item() == 0.0 and torch.count_nonzero(da) == 0
 
 
 @pytest.mark.slow

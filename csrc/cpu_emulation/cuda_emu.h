@@ -120,6 +120,8 @@ struct BlockState {
   Barrier block;
   std::vector<std::unique_ptr<Barrier>> warps;
   std::vector<unsigned long long> shuffle;  // one 8-byte slot per thread
+  int vote_or = 0;                          // __syncthreads_or's accumulator (guarded by `block`)
+  std::mutex vote_mutex;
   unsigned char* smem = nullptr;
 };
 
@@ -188,6 +190,24 @@ void launch(void (*kernel)(Params), dim3 grid, dim3 block, size_t smem_bytes, co
 
 inline void __syncthreads() {
   lsr_emu::tl_block->block.arrive_and_wait("deadlock in __syncthreads (divergent barrier)");
+}
+// A barrier that also returns whether any thread passed a non-zero predicate.
+inline int __syncthreads_or(int predicate) {
+  auto& blk = *lsr_emu::tl_block;
+  if (predicate) {
+    std::lock_guard<std::mutex> lock(blk.vote_mutex);
+    blk.vote_or = 1;
+  }
+  blk.block.arrive_and_wait("deadlock in __syncthreads_or (divergent barrier)");
+  int result;
+  {
+    std::lock_guard<std::mutex> lock(blk.vote_mutex);
+    result = blk.vote_or;
+  }
+  blk.block.arrive_and_wait("deadlock in __syncthreads_or (divergent barrier)");
+  if (lsr_emu::thread_rank() == 0) blk.vote_or = 0;  // every thread has read it; reset for the next vote
+  blk.block.arrive_and_wait("deadlock in __syncthreads_or (divergent barrier)");
+  return result;
 }
 inline void __syncwarp(unsigned = 0xffffffffu) {
   lsr_emu::warp_barrier().arrive_and_wait("deadlock in __syncwarp (divergent warp barrier)");
@@ -265,6 +285,13 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix
       out[16 * r + col] = acc;
     }
   std::memcpy(d.x, out, sizeof(out));
+}
+
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm,
+                             layout_t layout) {
+  check_matrix_pointer(p, ldm, sizeof(float));
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.x[16 * r + c] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
 }
 
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
