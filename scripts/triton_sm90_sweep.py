@@ -57,7 +57,7 @@ def _signatures(ptr: str, acc_ptr: str):
             **_names(["rows_per_group", "cols_per_split"], "i32")}),
         "softmax_ce_bwd": (softmax_ce._softmax_ce_bwd_kernel, {
             **ce_in, **_names(["coef_ptr", "own_lse_ptr", "other_lse_ptr", "soft_lse_ptr"], acc_ptr), "DQ_ptr": ptr,
-            "ds_rows_ptr": acc_ptr, **_names(["N", "M", "D", "pos_off"], "i32"), "alpha": "fp32", **strides,
+            "ds_rows_ptr": acc_ptr, "alpha_ptr": acc_ptr, **_names(["N", "M", "D", "pos_off"], "i32"), **strides,
             **_names(["stride_dqs", "stride_dqn", "stride_dqd", "cols_per_split"], "i32")}),
         "info_nce_fwd_grad": (softmax_ce._info_nce_fwd_grad_kernel, {
             "Q_ptr": ptr, "K_ptr": ptr, "scale_ptr": acc_ptr,
@@ -67,11 +67,11 @@ def _signatures(ptr: str, acc_ptr: str):
                       "stride_as", "stride_an", "stride_ad", "cols_per_split"], "i32")}),
         "exp_gram_fwd": (exp_gram._exp_gram_fwd_kernel, {
             "X_ptr": ptr, **_names(["sq_ptr", "row_part_ptr"], acc_ptr),
-            **_names(["N", "D", "stride_xn", "stride_xd"], "i32"), "neg_t_log2e": "fp32"}),
+            **_names(["N", "D", "stride_xn", "stride_xd"], "i32"), "neg_t_log2e_ptr": acc_ptr}),
         "exp_gram_bwd": (exp_gram._exp_gram_bwd_kernel, {
             "X_ptr": ptr, **_names(["sq_ptr", "coef_ptr"], acc_ptr), "DX_ptr": ptr,
             **_names(["N", "D", "stride_xn", "stride_xd", "stride_dxs", "stride_dxn", "stride_dxd",
-                      "cols_per_split"], "i32"), "neg_t_log2e": "fp32"}),
+                      "cols_per_split"], "i32"), "neg_t_log2e_ptr": acc_ptr}),
     }
 
 

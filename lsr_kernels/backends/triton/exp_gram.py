@@ -66,7 +66,7 @@ def _row_sq_norm_kernel(X_ptr, sq_ptr, N, D, stride_xn, stride_xd,
 
 @triton.jit
 def _exp_gram_fwd_kernel(
-    X_ptr, sq_ptr, row_part_ptr, N, D, stride_xn, stride_xd, neg_t_log2e,
+    X_ptr, sq_ptr, row_part_ptr, N, D, stride_xn, stride_xd, neg_t_log2e_ptr,
     D_PADDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -76,6 +76,7 @@ def _exp_gram_fwd_kernel(
     row_lo = tl.program_id(0) * BLOCK_M
     rows = row_lo + tl.arange(0, BLOCK_M).to(tl.int64)
     row_mask = rows < N
+    neg_t_log2e = tl.load(neg_t_log2e_ptr).to(ACC_DTYPE)
     sq_rows = tl.load(sq_ptr + rows, mask=row_mask, other=0.0)
     total = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     for n0 in range(row_lo, N, BLOCK_N):
@@ -95,7 +96,7 @@ def _exp_gram_fwd_kernel(
 @triton.jit
 def _exp_gram_bwd_kernel(
     X_ptr, sq_ptr, coef_ptr, DX_ptr,
-    N, D, stride_xn, stride_xd, stride_dxs, stride_dxn, stride_dxd, cols_per_split, neg_t_log2e,
+    N, D, stride_xn, stride_xd, stride_dxs, stride_dxn, stride_dxd, cols_per_split, neg_t_log2e_ptr,
     D_PADDED: tl.constexpr, SPLIT_PRODUCT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -110,6 +111,7 @@ def _exp_gram_bwd_kernel(
     out_mask = outs < D
     col_lo = pid_split * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, N)
+    neg_t_log2e = tl.load(neg_t_log2e_ptr).to(ACC_DTYPE)
     sq_rows = tl.load(sq_ptr + rows, mask=row_mask, other=0.0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_DO], dtype=ACC_DTYPE)
@@ -141,8 +143,9 @@ def _exp_gram_bwd_kernel(
 
 
 _PRUNE = {"early_config_prune": prune_configs}
-_exp_gram_fwd_tuned = triton.autotune(FORWARD_CONFIGS, key=["D_PADDED"], prune_configs_by=_PRUNE)(_exp_gram_fwd_kernel)
-_exp_gram_bwd_tuned = triton.autotune(BACKWARD_CONFIGS, key=["D_PADDED", "SPLIT_PRODUCT"],
+_exp_gram_fwd_tuned = triton.autotune(FORWARD_CONFIGS, key=["N", "D_PADDED"],
+                                      prune_configs_by=_PRUNE)(_exp_gram_fwd_kernel)
+_exp_gram_bwd_tuned = triton.autotune(BACKWARD_CONFIGS, key=["N", "D_PADDED", "SPLIT_PRODUCT"],
                                       prune_configs_by=_PRUNE)(_exp_gram_bwd_kernel)
 
 
@@ -158,13 +161,20 @@ def _row_sq_norms(x: Tensor) -> Tensor:
     return sq
 
 
+def _neg_t_log2e(t: float, x: Tensor) -> Tensor:
+    # A 0-dim tensor in the accumulation dtype: a Python float argument reaches a compiled kernel as
+    # fp32 even for fp64 inputs (the interpreter keeps it exact).
+    return torch.full((), -t * LOG2E, dtype=acc_dtype(x.dtype), device=x.device)
+
+
 def exp_gram_forward(x: Tensor, t: float, config: Optional[triton.Config] = None) -> Tuple[Tensor, Tensor]:
     """``(sum_{j,k} E_jk, |x_j|^2)``; the sum is 0-dim fp32 (fp64 for fp64 inputs)."""
     n, d = x.shape
     sq = _row_sq_norms(x)
     row_part = torch.empty_like(sq)
     args = dict(X_ptr=x, sq_ptr=sq, row_part_ptr=row_part, N=n, D=d, stride_xn=x.stride(0),
-                stride_xd=x.stride(1), neg_t_log2e=-t * LOG2E, D_PADDED=padded_width(d), **kernel_dtypes(x.dtype))
+                stride_xd=x.stride(1), neg_t_log2e_ptr=_neg_t_log2e(t, x), D_PADDED=padded_width(d),
+                **kernel_dtypes(x.dtype))
     launch(_exp_gram_fwd_kernel, _exp_gram_fwd_tuned, lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),), args, config)
     return row_part.sum(), sq
 
@@ -185,7 +195,7 @@ def exp_gram_backward(grad: Tensor, x: Tensor, sq: Tensor, t: float,
         dx_strides = dx.stride()
     args = dict(X_ptr=x, sq_ptr=sq, coef_ptr=coef, DX_ptr=dx, N=n, D=d, stride_xn=x.stride(0),
                 stride_xd=x.stride(1), stride_dxs=dx_strides[0], stride_dxn=dx_strides[1],
-                stride_dxd=dx_strides[2], cols_per_split=plan["cols_per_split"], neg_t_log2e=-t * LOG2E,
+                stride_dxd=dx_strides[2], cols_per_split=plan["cols_per_split"], neg_t_log2e_ptr=_neg_t_log2e(t, x),
                 D_PADDED=padded_width(d), SPLIT_PRODUCT=x.dtype in (torch.float16, torch.bfloat16),
                 **kernel_dtypes(x.dtype))
     launch(_exp_gram_bwd_kernel, _exp_gram_bwd_tuned,

@@ -34,8 +34,9 @@ Kernels
     pass over row blocks (FlashAttention's forward with ``V = b``) it keeps the online row statistics
     and ``sum_j exp2(t_ij - max_i) b_j``, rescaled as the running max moves, so the forward returns
     ``P b - b_pos`` (and the scale's sum) along with the loss. The backward then only scales it and
-    runs ``_softmax_ce_bwd_kernel`` once for ``db``: 4 ``N M D`` products instead of 5 (statistics
-    pass, recompute + ``G' b``, recompute + ``G'^T a``). The symmetric loss cannot do the same without
+    runs ``_softmax_ce_bwd_kernel`` once for ``db``: one ``N M D`` product fewer than the statistics
+    pass + two recompute launches (4 instead of 5 when one D slice covers D; each further slice
+    recomputes the tiles, as it does in the backward). The symmetric loss cannot do the same without
     atomics: ``da`` needs the column softmax too, which is final only after the whole pass.
 
 No N x N (or N x M) buffer is ever allocated; the extra memory is O(N) statistics, plus an fp32
@@ -178,7 +179,9 @@ def _softmax_ce_bwd_kernel(
     soft_lse_ptr,    # [N] base-2 LSE of the momentum rows (HAS_SOFT)
     DQ_ptr,          # [splits, N, D] (or [N, D] with one split): coef * (G' k)
     ds_rows_ptr,     # [splits, N]: sum_j G'_ij <q_i, k_j> over the split's columns (COMPUTE_DS)
-    N, M, D, pos_off, alpha,  # the positive of row i is column i + pos_off (none when outside [0, M))
+    alpha_ptr,       # [] ITC's distillation weight, in the accumulation dtype (a Python float
+                     # argument would reach a compiled kernel as fp32, even for fp64 inputs)
+    N, M, D, pos_off,  # the positive of row i is column i + pos_off (none when outside [0, M))
     stride_qn, stride_qd, stride_qmn, stride_qmd, stride_kn, stride_kd,
     stride_dqs, stride_dqn, stride_dqd,
     cols_per_split,
@@ -201,7 +204,10 @@ def _softmax_ce_bwd_kernel(
     col_lo = pid_split * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, M)
     scale_log2 = tl.load(scale_ptr).to(ACC_DTYPE) * LOG2E_C
-    # computed here, in the same arithmetic as g, so that c - g_ii is exactly 0 when g_ii = c
+    alpha = tl.load(alpha_ptr).to(ACC_DTYPE)
+    # computed here, in the same arithmetic as g, so that c - g_ii is exactly 0 when g_ii = c (when the
+    # recomputed tile reproduces the forward's bits: always for fp32/fp64, whose products add the
+    # D terms in order; for fp16/bf16 it depends on the tensor-core instruction and is not relied on)
     diag_coef = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     if HAS_OWN:
         diag_coef += 1.0
@@ -334,14 +340,16 @@ def _info_nce_fwd_grad_kernel(
     tl.store(acc_ptrs, acc, mask=row_mask[:, None] & out_mask[None, :])
 
 
+# Tuned per shape (N, M and the padded D; the tensors' dtypes are always part of Triton's key), so a
+# small warm-up batch does not fix the config of the real one.
 _PRUNE = {"early_config_prune": prune_configs}
-_softmax_ce_fwd_tuned = triton.autotune(FORWARD_CONFIGS, key=["D_PADDED", "HAS_SOFT", "HAS_COL"],
+_softmax_ce_fwd_tuned = triton.autotune(FORWARD_CONFIGS, key=["N", "M", "D_PADDED", "HAS_SOFT", "HAS_COL"],
                                         prune_configs_by=_PRUNE)(_softmax_ce_fwd_kernel)
 _softmax_ce_bwd_tuned = triton.autotune(BACKWARD_CONFIGS,
-                                        key=["D_PADDED", "HAS_OWN", "HAS_OTHER", "HAS_SOFT", "COMPUTE_DS"],
+                                        key=["N", "M", "D_PADDED", "HAS_OWN", "HAS_OTHER", "HAS_SOFT", "COMPUTE_DS"],
                                         prune_configs_by=_PRUNE)(_softmax_ce_bwd_kernel)
 # Same register budget as the backward (an fp32 [BLOCK_M, BLOCK_DO] accumulator): same configs.
-_info_nce_fwd_grad_tuned = triton.autotune(BACKWARD_CONFIGS, key=["D_PADDED"],
+_info_nce_fwd_grad_tuned = triton.autotune(BACKWARD_CONFIGS, key=["N", "M", "D_PADDED"],
                                            prune_configs_by=_PRUNE)(_info_nce_fwd_grad_kernel)
 
 
@@ -422,7 +430,8 @@ def softmax_ce_backward(q: Tensor, k: Tensor, scale: Tensor, coef: Tensor, *,
         other_lse_ptr=other_lse2 if other_lse2 is not None else any_stat,
         soft_lse_ptr=soft_lse2 if has_soft else any_stat,
         DQ_ptr=dq, ds_rows_ptr=ds_rows,
-        N=n, M=m, D=d, pos_off=pos_off, alpha=float(alpha),
+        alpha_ptr=torch.full((), float(alpha), dtype=acc, device=q.device),
+        N=n, M=m, D=d, pos_off=pos_off,
         stride_qn=q.stride(0), stride_qd=q.stride(1), stride_qmn=q_m_arg.stride(0),
         stride_qmd=q_m_arg.stride(1), stride_kn=k.stride(0), stride_kd=k.stride(1),
         stride_dqs=dq_strides[0], stride_dqn=dq_strides[1], stride_dqd=dq_strides[2],
