@@ -11,6 +11,21 @@ constexpr const char* kFwd = "lsr_kernels::info_nce_fwd";
 constexpr const char* kBwd = "lsr_kernels::info_nce_bwd";
 constexpr const char* kFwdGrad = "lsr_kernels::info_nce_fwd_grad";
 
+// The fields every info_nce launch shares: operands, sizes, the positives' offset, load width.
+template <class Params>
+void set_operands(Params& p, const at::Tensor& a, const at::Tensor& b, const at::Tensor& s, int64_t offset,
+                  const char* op) {
+  p.dtype = to_dtype(a.scalar_type(), op, "a");
+  p.a = a.data_ptr();
+  p.b = b.data_ptr();
+  p.scale = s.data_ptr();
+  p.n = static_cast<int>(a.size(0));
+  p.m = static_cast<int>(b.size(0));
+  p.d = static_cast<int>(a.size(1));
+  p.pos_off = static_cast<int>(offset);
+  p.vec = can_vectorize({a, b}, a.size(1));
+}
+
 // a:      [N, D]  fp32 / fp64 / fp16 / bf16, CUDA, contiguous
 // b:      [N, D]  same dtype and device as a; one-way: [M, D] with M >= N
 // scale:  one element (any floating dtype), the already-exponentiated logit scale s
@@ -26,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_fwd(const at::Tensor& a,
   DeviceScope device_scope(a);
   check_arch(a, kFwd);
   const at::Tensor s = scalar_arg(scale, a, kFwd, "scale");
-  const int64_t n = a.size(0), m = b.size(0), d = a.size(1);
+  const int64_t n = a.size(0);
   const auto acc_opts = a.options().dtype(acc_type(a.scalar_type()));
   const cudaStream_t stream = current_stream();
   const int max_smem = max_smem_optin();
@@ -44,15 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_fwd(const at::Tensor& a,
   }
 
   InfoNceFwdParams p{};
-  p.dtype = to_dtype(a.scalar_type(), kFwd, "a");
-  p.a = a.data_ptr();
-  p.b = b.data_ptr();
-  p.scale = s.data_ptr();
-  p.n = static_cast<int>(n);
-  p.m = static_cast<int>(m);
-  p.d = static_cast<int>(d);
-  p.pos_off = static_cast<int>(offset);
-  p.vec = can_vectorize({a, b}, d);
+  set_operands(p, a, b, s, offset, kFwd);
   p.fused_columns = fused;
   p.lse_row = lse_row.data_ptr();
   p.row_term = row_term.data_ptr();
@@ -97,22 +104,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_fwd_grad(con
   DeviceScope device_scope(a);
   check_arch(a, kFwdGrad);
   const at::Tensor s = scalar_arg(scale, a, kFwdGrad, "scale");
-  const int64_t n = a.size(0), m = b.size(0), d = a.size(1);
+  const int64_t n = a.size(0);
   const auto acc_opts = a.options().dtype(acc_type(a.scalar_type()));
   at::Tensor lse_row = at::empty({n}, acc_opts), row_term = at::empty({n}, acc_opts);
   at::Tensor ds_row = at::empty({n}, acc_opts);
   at::Tensor grad_unit = at::empty_like(a);
 
   InfoNceFwdGradParams p{};
-  p.dtype = to_dtype(a.scalar_type(), kFwdGrad, "a");
-  p.a = a.data_ptr();
-  p.b = b.data_ptr();
-  p.scale = s.data_ptr();
-  p.n = static_cast<int>(n);
-  p.m = static_cast<int>(m);
-  p.d = static_cast<int>(d);
-  p.pos_off = static_cast<int>(offset);
-  p.vec = can_vectorize({a, b}, d);
+  set_operands(p, a, b, s, offset, kFwdGrad);
   p.lse_row = lse_row.data_ptr();
   p.row_term = row_term.data_ptr();
   p.grad_unit = grad_unit.data_ptr();
@@ -136,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_bwd(const at::Tensor& gr
   check_offset(a, b, symmetric, offset, kBwd);
   DeviceScope device_scope(a);
   check_arch(a, kBwd);
-  const int64_t n = a.size(0), m = b.size(0), d = a.size(1);
+  const int64_t n = a.size(0), m = b.size(0);
   check_stats(lse_row, a, n, kBwd, "lse_row");
   if (symmetric) check_stats(lse_col, a, n, kBwd, "lse_col");
   const at::Tensor s = scalar_arg(scale, a, kBwd, "scale");
@@ -147,24 +146,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_bwd(const at::Tensor& gr
   const DType dtype = to_dtype(a.scalar_type(), kBwd, "a");
   const double inv_norm = 1.0 / (static_cast<double>(symmetric ? 2 : 1) * static_cast<double>(n));
   const int block_rows = info_nce_bwd_block_rows(dtype);
-  const bool vec = can_vectorize({a, b}, d);
 
   at::Tensor grad_a = compute_grad_a ? at::empty_like(a) : at::empty({0}, a.options());
   at::Tensor ds_partial = compute_grad_a ? at::empty({(n + block_rows - 1) / block_rows}, acc_opts)
                                          : at::zeros({1}, acc_opts);
   InfoNceBwdParams p{};
-  p.dtype = dtype;
-  p.a = a.data_ptr();
-  p.b = b.data_ptr();
+  set_operands(p, a, b, s, offset, kBwd);
   p.lse_a = lse_row.data_ptr();
   p.lse_b = symmetric ? lse_col.data_ptr() : lse_row.data_ptr();  // read only when symmetric
-  p.scale = s.data_ptr();
   p.grad = g.data_ptr();
-  p.n = static_cast<int>(n);
-  p.m = static_cast<int>(m);
-  p.d = static_cast<int>(d);
-  p.pos_off = static_cast<int>(offset);
-  p.vec = vec;
   p.use_row = true;
   p.use_col = symmetric;
   p.inv_norm = inv_norm;

@@ -461,33 +461,32 @@ struct TcRowGemm {
 #endif
   }
 
-  // acc[r][:] *= factors[r] for the BM rows (factors in shared memory). The fragments' layout is
-  // opaque, so each goes through `staging` (kStagingBytes no other thread uses) and back.
+  // acc[r][:] *= factors[r] for the BM rows (factors in shared memory).
   __device__ void scale_rows(const float* factors, void* staging) {
-#ifndef LSR_NO_SM80
-    using namespace nvcuda;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    float* tile = static_cast<float*>(staging) + warp * 256;
-#pragma unroll
-    for (int i = 0; i < FM; ++i) {
-#pragma unroll
-      for (int j = 0; j < F; ++j) {
-        wmma::store_matrix_sync(tile, acc[i][j], 16, wmma::mem_row_major);
-        __syncwarp();
-        for (int e = lane; e < 256; e += 32) tile[e] *= factors[16 * i + (e >> 4)];
-        __syncwarp();
-        wmma::load_matrix_sync(acc[i][j], tile, 16, wmma::mem_row_major);
-        __syncwarp();  // the next fragment reuses the tile
-      }
-    }
-#else
-    __trap();
-#endif
+    through_staging(staging, true, [&](float* tile, int lane, int i, int /*j*/) {
+      for (int e = lane; e < 256; e += 32) tile[e] *= factors[16 * i + (e >> 4)];
+    });
   }
 
-  // `staging`: kStagingBytes of shared memory no other thread uses any more.
   template <class Out>
   __device__ void store(void* staging, int a_rows, int d0, int D, Out out) {
+    const int warp = threadIdx.x >> 5;
+    through_staging(staging, false, [&](const float* tile, int lane, int i, int j) {
+      const int col0 = d0 + warp * 16 * F + 16 * j;
+      if (col0 >= D) return;  // warp-uniform: this fragment is padding
+      for (int e = lane; e < 256; e += 32) {
+        const int row = 16 * i + (e >> 4), col = col0 + (e & 15);
+        if (row < a_rows && col < D) out(row, col, tile[e]);
+      }
+    });
+  }
+
+ private:
+  // The fragments' element layout is opaque: each one goes to this warp's 16 x 16 tile of `staging`
+  // (kStagingBytes of shared memory no other thread uses), visit(tile, lane, i, j) reads or edits it
+  // (every lane of the warp calls it), and with `reload` the tile goes back into the fragment.
+  template <class Visit>
+  __device__ void through_staging(void* staging, bool reload, Visit visit) {
 #ifndef LSR_NO_SM80
     using namespace nvcuda;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -496,15 +495,14 @@ struct TcRowGemm {
     for (int i = 0; i < FM; ++i) {
 #pragma unroll
       for (int j = 0; j < F; ++j) {
-        const int col0 = d0 + warp * 16 * F + 16 * j;
-        if (col0 >= D) continue;  // warp-uniform
         wmma::store_matrix_sync(tile, acc[i][j], 16, wmma::mem_row_major);
         __syncwarp();
-        for (int e = lane; e < 256; e += 32) {
-          const int row = 16 * i + (e >> 4), col = col0 + (e & 15);
-          if (row < a_rows && col < D) out(row, col, tile[e]);
-        }
+        visit(tile, lane, i, j);
         __syncwarp();
+        if (reload) {
+          wmma::load_matrix_sync(acc[i][j], tile, 16, wmma::mem_row_major);
+          __syncwarp();  // the next fragment reuses the tile
+        }
       }
     }
 #else

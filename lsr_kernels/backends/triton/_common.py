@@ -93,6 +93,17 @@ def _similarity_tiles(q_ptr, q2_ptr, k_ptr, rows, cols, row_mask, col_mask, D,
     return s, s2
 
 
+@triton.jit
+def _row_slice_program(N, M, D, cols_per_split, BLOCK_M: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """Where a program of a ``(row blocks, D slices, column splits)`` grid works: its rows (int64)
+    and their mask, its slice of the D output columns and their mask, and its columns
+    ``[col_lo, col_hi)`` of the ``M`` (``cols_per_split`` per split)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    outs = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO).to(tl.int64)
+    col_lo = tl.program_id(2) * cols_per_split
+    return rows, rows < N, outs, outs < D, col_lo, tl.minimum(col_lo + cols_per_split, M)
+
+
 # ---------------------------------------------------------------------------- dtype and devices
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics and accumulation dtype: float64 for float64 inputs (gradcheck), else float32."""

@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (LOG2E, _similarity_tiles, acc_dtype, check_matrix, interpreting, kernel_dtypes,
-                      launch, padded_width, plan_backward, prune_configs)
+from ._common import (LOG2E, _row_slice_program, _similarity_tiles, acc_dtype, check_matrix, interpreting,
+                      kernel_dtypes, launch, padded_width, plan_backward, prune_configs)
 
 # ------------------------------------------------------------------------------------ GPU configs
 FORWARD_CONFIGS = [
@@ -102,15 +102,9 @@ def _exp_gram_bwd_kernel(
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """``DX[split, rows, D slice] = coef * (r x - E x)`` over the columns of this split."""
-    pid_m = tl.program_id(0)
-    pid_do = tl.program_id(1)
     pid_split = tl.program_id(2)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_mask = rows < N
-    outs = pid_do * BLOCK_DO + tl.arange(0, BLOCK_DO).to(tl.int64)
-    out_mask = outs < D
-    col_lo = pid_split * cols_per_split
-    col_hi = tl.minimum(col_lo + cols_per_split, N)
+    rows, row_mask, outs, out_mask, col_lo, col_hi = _row_slice_program(N, N, D, cols_per_split,
+                                                                        BLOCK_M, BLOCK_DO)
     neg_t_log2e = tl.load(neg_t_log2e_ptr).to(ACC_DTYPE)
     sq_rows = tl.load(sq_ptr + rows, mask=row_mask, other=0.0)
 

@@ -52,8 +52,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ... import _validation as V
-from ._common import (LN2, LOG2E_C, NEG_BIG, _similarity_tiles, acc_dtype, check_matrix,
-                      check_same, check_scale, kernel_dtypes, launch, merge_partial_lse2,
+from ._common import (LN2, LOG2E_C, NEG_BIG, _row_slice_program, _similarity_tiles, acc_dtype,
+                      check_matrix, check_same, check_scale, kernel_dtypes, launch, merge_partial_lse2,
                       padded_width, plan_backward, plan_forward, prune_configs)
 
 # ------------------------------------------------------------------------------------ GPU configs
@@ -197,12 +197,8 @@ def _softmax_ce_bwd_kernel(
     pid_m = tl.program_id(0)
     pid_do = tl.program_id(1)
     pid_split = tl.program_id(2)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_mask = rows < N
-    outs = pid_do * BLOCK_DO + tl.arange(0, BLOCK_DO).to(tl.int64)
-    out_mask = outs < D
-    col_lo = pid_split * cols_per_split
-    col_hi = tl.minimum(col_lo + cols_per_split, M)
+    rows, row_mask, outs, out_mask, col_lo, col_hi = _row_slice_program(N, M, D, cols_per_split,
+                                                                        BLOCK_M, BLOCK_DO)
     scale_log2 = tl.load(scale_ptr).to(ACC_DTYPE) * LOG2E_C
     alpha = tl.load(alpha_ptr).to(ACC_DTYPE)
     # computed here, in the same arithmetic as g, so that c - g_ii is exactly 0 when g_ii = c (when the
@@ -289,12 +285,8 @@ def _info_nce_fwd_grad_kernel(
     pid_m = tl.program_id(0)
     pid_do = tl.program_id(1)
     pid_split = tl.program_id(2)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_mask = rows < N
-    outs = pid_do * BLOCK_DO + tl.arange(0, BLOCK_DO).to(tl.int64)
-    out_mask = outs < D
-    col_lo = pid_split * cols_per_split
-    col_hi = tl.minimum(col_lo + cols_per_split, M)
+    rows, row_mask, outs, out_mask, col_lo, col_hi = _row_slice_program(N, M, D, cols_per_split,
+                                                                        BLOCK_M, BLOCK_DO)
     scale_log2 = tl.load(scale_ptr).to(ACC_DTYPE) * LOG2E_C
 
     m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
@@ -345,9 +337,9 @@ def _info_nce_fwd_grad_kernel(
 _PRUNE = {"early_config_prune": prune_configs}
 _softmax_ce_fwd_tuned = triton.autotune(FORWARD_CONFIGS, key=["N", "M", "D_PADDED", "HAS_SOFT", "HAS_COL"],
                                         prune_configs_by=_PRUNE)(_softmax_ce_fwd_kernel)
-_softmax_ce_bwd_tuned = triton.autotune(BACKWARD_CONFIGS,
-                                        key=["N", "M", "D_PADDED", "HAS_OWN", "HAS_OTHER", "HAS_SOFT", "COMPUTE_DS"],
-                                        prune_configs_by=_PRUNE)(_softmax_ce_bwd_kernel)
+_softmax_ce_bwd_tuned = triton.autotune(
+    BACKWARD_CONFIGS, key=["N", "M", "D_PADDED", "HAS_OWN", "HAS_OTHER", "HAS_SOFT", "COMPUTE_DS"],
+    prune_configs_by=_PRUNE)(_softmax_ce_bwd_kernel)
 # Same register budget as the backward (an fp32 [BLOCK_M, BLOCK_DO] accumulator): same configs.
 _info_nce_fwd_grad_tuned = triton.autotune(BACKWARD_CONFIGS, key=["N", "M", "D_PADDED"],
                                            prune_configs_by=_PRUNE)(_info_nce_fwd_grad_kernel)
