@@ -114,10 +114,10 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_fwd_kernel
         const int row = rd * K::kRowsPerRound + warp * 4 + grp;
         const acc_t* srow = S + row * K::LDS;
         acc_t tile_m = kNegInf;
-        for (int c = j8; c < b_rows; c += 8) tile_m = max_acc(tile_m, s * srow[c]);
+        for (int c = j8; c < b_rows; c += 8) tile_m = max_acc(tile_m, mul_rn(s, srow[c]));
         tile_m = group_max<8>(tile_m);  // finite: every tile has at least one valid column
         acc_t tile_l = acc_t(0);
-        for (int c = j8; c < b_rows; c += 8) tile_l += exp_acc<kFast>(s * srow[c] - tile_m);
+        for (int c = j8; c < b_rows; c += 8) tile_l += exp_acc<kFast>(mul_rn(s, srow[c]) - tile_m);
         tile_l = group_sum<8>(tile_l);
         const acc_t new_m = max_acc(run_m[rd], tile_m);
         run_l[rd] = run_l[rd] * exp_acc<kFast>(run_m[rd] - new_m) + tile_l * exp_acc<kFast>(tile_m - new_m);
@@ -131,11 +131,11 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_fwd_kernel
         const int col = ct % K::BN, part = ct / K::BN;
         if (col < b_rows) {
           acc_t tile_m = kNegInf;
-          for (int r = part; r < a_rows; r += K::kColParts) tile_m = max_acc(tile_m, s * S[r * K::LDS + col]);
+          for (int r = part; r < a_rows; r += K::kColParts) tile_m = max_acc(tile_m, mul_rn(s, S[r * K::LDS + col]));
           if (tile_m > kNegInf) {  // false only for a part without valid rows
             acc_t tile_l = acc_t(0);
             for (int r = part; r < a_rows; r += K::kColParts)
-              tile_l += exp_acc<kFast>(s * S[r * K::LDS + col] - tile_m);
+              tile_l += exp_acc<kFast>(mul_rn(s, S[r * K::LDS + col]) - tile_m);
             merge_column_stats(p.col_stats + c0 + col, tile_m, tile_l);
           }
         }
@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_fwd_kernel
         // (max - X[i, i]) + log(sum): no cancellation of two ~s-sized numbers when the loss is small
         const acc_t log_l = log_acc(run_l[rd]);
         lse_row[r0 + row] = run_m[rd] + log_l;
-        row_term[r0 + row] = (run_m[rd] - s * diag[rd]) + log_l;
+        row_term[r0 + row] = (run_m[rd] - mul_rn(s, diag[rd])) + log_l;
         if constexpr (FUSED) static_cast<acc_t*>(p.diag)[r0 + row] = diag[rd];
       }
     }
@@ -169,7 +169,7 @@ __global__ void info_nce_col_finalize_kernel(const InfoNceColFinalizeParams p) {
   const float l = __uint_as_float(static_cast<unsigned>(packed >> 32));
   const float log_l = logf(l);
   p.lse_col[j] = m + log_l;
-  p.col_term[j] = (m - p.scale[0] * p.diag[j]) + log_l;
+  p.col_term[j] = (m - mul_rn(p.scale[0], p.diag[j])) + log_l;
 }
 
 // ----------------------------------------------------------------------------------- backward
@@ -254,8 +254,9 @@ struct FwdGradLayout {
 // Lazy rescaling (as FlashAttention-4 does): exponentials are taken against a per-row reference
 // max that moves only when a tile's max exceeds it by more than kTau, so the accumulated rows are
 // rescaled (a round trip through shared memory for the opaque wmma fragments) only a few times per
-// row. Every weight stays <= e^kTau; kPScale keeps fp16 weights out of its subnormals while
-// e^kTau * kPScale < 65504 (bf16, fp32 and fp64 need no scale).
+// row. Every weight stays <= e^kTau; for fp16, kPScale moves the weights 4 bits further from its
+// subnormals (below e^-12.5 they still are one: < 2e-9 each against a row sum >= 1) while
+// e^kTau * kPScale < 65504. bf16, fp32 and fp64 need no scale.
 template <typename T>
 struct FwdGradWeights {
   static constexpr float kTau = 8.0f;
@@ -305,7 +306,7 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_fwd_grad_k
 #pragma unroll
     for (int k = 0; k < K::BN / K::kTPR; ++k) {
       const int c = part + K::kTPR * k;
-      if (row_ok && c < b_rows) tile_m = max_acc(tile_m, s * S[row * K::LDS + c]);
+      if (row_ok && c < b_rows) tile_m = max_acc(tile_m, mul_rn(s, S[row * K::LDS + c]));
     }
     tile_m = group_max<K::kTPR>(tile_m);
     const bool bump = tile_m > ref + kTau;  // never for invalid rows (tile_m = -inf)
@@ -325,7 +326,7 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_fwd_grad_k
       const acc_t sv = S[row * K::LDS + c];
       acc_t h = acc_t(0);  // invalid rows / columns: weight 0 (their B rows are zeros as well)
       if (row_ok && c < b_rows) {
-        h = exp_acc<kFast>(s * sv - ref);
+        h = exp_acc<kFast>(mul_rn(s, sv) - ref);
         if (pos_col - c0 == c) diag_part = sv;
       }
       l_part += h;
@@ -343,7 +344,7 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_fwd_grad_k
   if (part == 0 && row_ok && blockIdx.y == 0) {  // the D-chunks repeat the same statistics
     const acc_t log_l = log_acc(l);
     static_cast<acc_t*>(p.lse_row)[r0 + row] = ref + log_l;
-    static_cast<acc_t*>(p.row_term)[r0 + row] = (ref - s * diag) + log_l;
+    static_cast<acc_t*>(p.row_term)[r0 + row] = (ref - mul_rn(s, diag)) + log_l;
     static_cast<acc_t*>(p.ds_row)[r0 + row] = w / l - diag;
   }
   __syncthreads();

@@ -153,6 +153,22 @@ template <bool FAST>
 __device__ __forceinline__ double exp_acc(double x) {
   return exp(x);
 }
+// A logit s * S rounded on its own: nvcc would fuse `s * S - m` into one FMA, so the max logit minus
+// the max (taken over rounded products) would not be exactly 0, nor a lone positive's loss.
+__device__ __forceinline__ float mul_rn(float a, float b) {
+#ifdef LSR_CPU_EMULATION
+  return a * b;
+#else
+  return __fmul_rn(a, b);
+#endif
+}
+__device__ __forceinline__ double mul_rn(double a, double b) {
+#ifdef LSR_CPU_EMULATION
+  return a * b;
+#else
+  return __dmul_rn(a, b);
+#endif
+}
 __device__ __forceinline__ float log_acc(float x) { return logf(x); }
 __device__ __forceinline__ double log_acc(double x) { return log(x); }
 

@@ -177,8 +177,9 @@ def _make_primitives(ops) -> SimpleNamespace:
             need_a, need_b, need_s = ctx.needs_input_grad[:3]
             if not (need_a or need_b or need_s):
                 return None, None, None, None, None
+            # grad_a's launch also reduces grad_s; with neither wanted it is skipped
             grad_a, grad_b, grad_s = ops.info_nce_bwd(grad_loss, a, b, scale, lse_row, lse_col,
-                                                      ctx.symmetric, need_b, ctx.offset)
+                                                      ctx.symmetric, need_b, ctx.offset, need_a or need_s)
             return (grad_a if need_a else None, grad_b if need_b else None,
                     _scale_grad(grad_s, scale) if need_s else None, None, None)
 
