@@ -155,18 +155,16 @@ __device__ __forceinline__ double exp_acc(double x) {
 }
 // A logit s * S rounded on its own: nvcc would fuse `s * S - m` into one FMA, so the max logit minus
 // the max (taken over rounded products) would not be exactly 0, nor a lone positive's loss.
-__device__ __forceinline__ float mul_rn(float a, float b) {
+template <typename V>
+__device__ __forceinline__ V mul_rn(V a, V b) {
 #ifdef LSR_CPU_EMULATION
   return a * b;
 #else
-  return __fmul_rn(a, b);
-#endif
-}
-__device__ __forceinline__ double mul_rn(double a, double b) {
-#ifdef LSR_CPU_EMULATION
-  return a * b;
-#else
-  return __dmul_rn(a, b);
+  if constexpr (std::is_same<V, double>::value) {
+    return __dmul_rn(a, b);
+  } else {
+    return __fmul_rn(a, b);
+  }
 #endif
 }
 __device__ __forceinline__ float log_acc(float x) { return logf(x); }
