@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from . import records as R
-from .render import DTYPE_SHORT, README_PATH, fmt_ms, update_readme
+from .render import DTYPE_SHORT, README_PATH, fmt_ms, repo_relative, update_readme
 
 CANDIDATES = ("triton", "cuda", "chunked")
 TABLE_MODULE = R.REPO_ROOT / "lsr_kernels" / "backends" / "auto_choice.py"
@@ -74,16 +74,6 @@ def markdown(entries: Sequence[Dict[str, object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _source_label(inputs: Sequence[Path]) -> str:
-    labels = []
-    for path in inputs:
-        try:
-            labels.append(str(Path(path).resolve().relative_to(R.REPO_ROOT)))
-        except ValueError:
-            labels.append(Path(path).name)
-    return ", ".join(labels)
-
-
 def run(inputs: Sequence[Path] = (R.results_path("gpu"),), out: Optional[Path] = TABLE_MODULE,
         readme: Optional[Path] = None) -> List[Dict[str, object]]:
     """Choose from ``inputs``, write ``out`` (``None``: only print) and optionally the README table."""
@@ -91,7 +81,7 @@ def run(inputs: Sequence[Path] = (R.results_path("gpu"),), out: Optional[Path] =
     table = markdown(entries)
     print(table, end="")
     if out is not None:
-        Path(out).write_text(module_text(entries, _source_label(inputs)))
+        Path(out).write_text(module_text(entries, ", ".join(repo_relative(p) for p in inputs)))
         print(f"{len(entries)} entries -> {out}")
     if readme is not None:
         update_readme(table, readme, AUTO_MARKERS)

@@ -178,7 +178,7 @@ def render_table(records: Iterable[dict], plots: Sequence[Path] = ()) -> str:
         out += _unavailable_notes(dev_core + dev_max)
     dev_plots = [p for p in plots if _inside_repo(p)]  # links that work from README.md
     if dev_plots:
-        out.append("Plots: " + ", ".join(f"[{p.stem}]({_rel(p)})" for p in dev_plots))
+        out.append("Plots: " + ", ".join(f"[{p.stem}]({repo_relative(p)})" for p in dev_plots))
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 
@@ -191,7 +191,7 @@ def _inside_repo(path: Path) -> bool:
     return True
 
 
-def _rel(path: Path) -> str:
+def repo_relative(path: Path) -> str:
     try:
         return str(Path(path).resolve().relative_to(R.REPO_ROOT))
     except ValueError:

@@ -837,11 +837,7 @@ def _lsr(image_features, text_features, logit_scale, *, image_aug=None, text_aug
                 "gather_with_grad=True (SPEC 5), or ClipLoss for open_clip's exact behaviour")
         weights, checked_t, scale = V.check_lsr_call(features, logit_scale, sep_weight, bridge_weight,
                                                      gc_weight, bridge_t, uniformity_t)
-        views = features["image_aug"] is not None and features["text_aug"] is not None
-        op = backends.lsr_op(views, weights[0] > 0, weights[1] > 0, weights[2] > 0)
-        name = backends.resolve(backend, image_features.device, op, image_features.dtype,
-                                (*image_features.shape, 0))
-        return weights, checked_t, scale, name
+        return weights, checked_t, scale, backends.resolve_lsr_call(backend, features, weights)
 
     settings = {"sep_weight": _as_float(sep_weight), "bridge_weight": _as_float(bridge_weight),
                 "gc_weight": _as_float(gc_weight), "bridge_t": _as_float(bridge_t),
@@ -908,10 +904,7 @@ def itc_loss(image_features: Tensor, text_features: Tensor, image_features_m: Te
         checked_alpha = V.check_unit_interval("alpha", alpha)
         V.check_features(features, width_only=_QUEUE_NAMES)
         scale = V.check_scale(logit_scale, image_features)
-        queue = max((features[q].shape[0] for q in _QUEUE_NAMES if features[q] is not None), default=0)
-        name = backends.resolve(backend, image_features.device, "itc", image_features.dtype,
-                                (*image_features.shape, queue))
-        return checked_alpha, scale, name
+        return checked_alpha, scale, backends.resolve_itc_call(backend, features)
 
     settings = {"alpha": _as_float(alpha), "local_loss": bool(local_loss), "gather_with_grad": bool(gather_with_grad),
                 "backend": _as_str(backend)}

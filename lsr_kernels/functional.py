@@ -70,9 +70,7 @@ def lsr_loss(
     args = {k: _contiguous(v) for k, v in features.items()}
     image, text = args.pop("image_features"), args.pop("text_features")
     switches = dict(bridge_t=bridge_t, uniformity_t=uniformity_t)
-    views = args["image_aug"] is not None and args["text_aug"] is not None
-    op = backends.lsr_op(views, sep_weight > 0, bridge_weight > 0, gc_weight > 0)
-    name = backends.resolve(backend, image.device, op, image.dtype, (*image.shape, 0))
+    name = backends.resolve_lsr_call(backend, features, (sep_weight, bridge_weight, gc_weight))
     if name == "reference":
         terms = reference.lsr_terms(image, text, scale, separation=sep_weight > 0, bridge=bridge_weight > 0,
                                     geometric=gc_weight > 0, **args, **switches)
@@ -119,9 +117,7 @@ def itc_loss(
     V.check_features(features, width_only=("image_queue", "text_queue"))
     scale = V.check_scale(logit_scale, image_features)
     args = {k: _contiguous(v) for k, v in features.items()}
-    queue = max((args[q].shape[0] for q in ("image_queue", "text_queue") if args[q] is not None), default=0)
-    name = backends.resolve(backend, image_features.device, "itc", image_features.dtype,
-                            (*image_features.shape, queue))
+    name = backends.resolve_itc_call(backend, features)
     if name == "reference":
         return reference.itc_loss(args["image_features"], args["text_features"], args["image_features_m"],
                                   args["text_features_m"], scale, args["image_queue"], args["text_queue"], alpha)

@@ -125,6 +125,22 @@ def resolve(backend: str, device: torch.device, op: Optional[str] = None, dtype:
     return "triton" if _triton_usable() else "chunked"
 
 
+def resolve_lsr_call(backend: str, features: dict, weights: Tuple[float, float, float]) -> str:
+    """:func:`resolve` for an ``lsr_loss`` call: its features by API name, its (sep, bridge, gc) weights."""
+    image = features["image_features"]
+    views = features.get("image_aug") is not None and features.get("text_aug") is not None
+    op = lsr_op(views, *(w > 0 for w in weights))
+    return resolve(backend, image.device, op, image.dtype, (*image.shape, 0))
+
+
+def resolve_itc_call(backend: str, features: dict) -> str:
+    """:func:`resolve` for an ``itc_loss`` call: its features by API name (the longer queue is K)."""
+    image = features["image_features"]
+    queues = [features.get(name) for name in ("image_queue", "text_queue")]
+    k = max((q.shape[0] for q in queues if q is not None), default=0)
+    return resolve(backend, image.device, "itc", image.dtype, (*image.shape, k))
+
+
 def _gpu_identity(device: torch.device) -> Tuple[str, str]:
     major, minor = torch.cuda.get_device_capability(device)
     return torch.cuda.get_device_name(device), f"{major}.{minor}"
