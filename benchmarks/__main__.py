@@ -6,6 +6,7 @@
     python -m benchmarks gpu-core | gpu-sweep [--short] | gpu-maxn [--time-cap S]
     python -m benchmarks render [--update-readme]  # plots + results/README_table.md (+ README.md)
     python -m benchmarks choose-auto [--update-readme]  # auto's GPU choice from results/gpu.jsonl
+    python -m benchmarks profile [--ops clip --providers triton]  # each kernel's time, in cuBLAS products
 
 One comparison at custom shapes: ``python -m benchmarks.bench_clip --n 4K,16K --d 512 --device cuda``
 (likewise ``bench_full``, ``bench_clip_gc``, ``bench_itc``, ``bench_max_n``). See NOTES.md.
@@ -72,6 +73,12 @@ def main(argv=None) -> int:
     c.add_argument("--print-only", action="store_true", help="print the table, write nothing")
     c.add_argument("--update-readme", nargs="?", const=Path(R.REPO_ROOT / "README.md"), type=Path, default=None,
                    metavar="README", help="also splice the table between the auto markers of README.md")
+    f = sub.add_parser("profile", help="each kernel's share of a fwd+bwd step, in cuBLAS N x N x D products",
+                       description="Profile forward + backward per (provider, op) and express each kernel's "
+                                   "time in units of one cuBLAS product (see benchmarks/profile.py).")
+    from . import profile
+
+    profile.add_args(f)
     args = parser.parse_args(argv)
 
     if args.command == "list":
@@ -82,6 +89,8 @@ def main(argv=None) -> int:
         render.render(args.inputs, plots_dir=args.plots_dir or render.PLOTS_DIR,
                       table_path=args.table or render.TABLE_PATH, readme=args.update_readme, plots=not args.no_plots)
         return 0
+    if args.command == "profile":
+        return profile.run_from_args(args, f)
     if args.command == "choose-auto":
         from . import choose
 

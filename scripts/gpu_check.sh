@@ -6,10 +6,10 @@
 #   bash scripts/gpu_check.sh --dry-run                    # its CPU-side steps on a CPU machine (CI)
 #
 # Options: --dry-run (or DRY_RUN=1), --budget SECONDS (total, default 480), --skip STAGE (repeatable:
-# build, tests, bench-core, bench-sweep, bench-maxn), -h/--help. Environment: OUT (output folder;
+# build, tests, bench-core, profile, bench-sweep, bench-maxn), -h/--help. Environment: OUT (output folder;
 # default ./out/gpu_check), PYTHON (default: python, else python3), LSR_BENCH_COMMIT (the commit
 # to record when the tree has no .git), per-stage caps in seconds: BUILD_TIMEOUT (210),
-# TESTS_TIMEOUT (150), CORE_TIMEOUT (120), SWEEP_TIMEOUT (75), MAXN_TIMEOUT (100); TEST_WORKERS (8:
+# TESTS_TIMEOUT (150), CORE_TIMEOUT (120), PROFILE_TIMEOUT (60), SWEEP_TIMEOUT (75), MAXN_TIMEOUT (100); TEST_WORKERS (8:
 # pytest-xdist processes for the GPU tests, when xdist is installed).
 #
 # The GPU machine has no network: nothing is downloaded. Inf-CL (a baseline) is installed from the
@@ -18,7 +18,9 @@
 # is recorded as unavailable. Fetch both on the development machine first:
 #   pip download --no-deps -d benchmarks/wheels inf-cl==1.2.1 open_clip_torch==3.3.0
 # Every stage runs under `timeout` and a global deadline; a failed stage does not stop the next. At most 8 files land in $OUT (the device tool returns no more):
-#   summary.txt  env_build.log  tests.log  bench.log  gpu.jsonl  README_table.md  plots.tar.gz
+#   summary.txt  env_build.log  tests.log  bench.log  gpu.jsonl  README_table.md  plots.tar.gz  profile.txt
+# (profile.txt: each fused kernel's time in units of one cuBLAS N x N x D product, CLIP and full at
+# N = 32K, D = 512 bf16: which kernel is how far from the matmul floor; see benchmarks/profile.py).
 # Afterwards, on the development machine:
 #   cat <out>/gpu.jsonl >> benchmarks/results/gpu.jsonl && python -m benchmarks render --update-readme \
 #     && python -m benchmarks choose-auto --update-readme      # auto's GPU choice from those timings
@@ -43,8 +45,8 @@ while [ $# -gt 0 ]; do
 done
 case "$BUDGET" in ''|*[!0-9]*) echo "gpu_check.sh: --budget expects whole seconds, got '$BUDGET'" >&2; exit 2 ;; esac
 for stage in $SKIP; do
-    case "$stage" in build|tests|bench-core|bench-sweep|bench-maxn) ;;
-        *) echo "gpu_check.sh: --skip: unknown stage '$stage' (build, tests, bench-core, bench-sweep, bench-maxn)" >&2; exit 2 ;;
+    case "$stage" in build|tests|bench-core|profile|bench-sweep|bench-maxn) ;;
+        *) echo "gpu_check.sh: --skip: unknown stage '$stage' (build, tests, bench-core, profile, bench-sweep, bench-maxn)" >&2; exit 2 ;;
     esac
 done
 
@@ -58,7 +60,8 @@ SUMMARY="$OUT/summary.txt"
 ENV_LOG="$OUT/env_build.log"
 TESTS_LOG="$OUT/tests.log"
 BENCH_LOG="$OUT/bench.log"
-: >"$SUMMARY"; : >"$ENV_LOG"; : >"$TESTS_LOG"; : >"$BENCH_LOG"
+PROFILE="$OUT/profile.txt"
+: >"$SUMMARY"; : >"$ENV_LOG"; : >"$TESTS_LOG"; : >"$BENCH_LOG"; : >"$PROFILE"
 
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
@@ -217,15 +220,19 @@ if [ "$DRY_RUN" = 1 ]; then
     CORE_PROVIDERS=(--providers triton,cuda,inf_cl,reference)
     SMALL_PROVIDERS=(--providers chunked --ops clip)
     MAXN_ARGS=(--n-max 131072)
+    PROFILE_ARGS=(--device cpu --tiny --providers chunked,triton,cuda)
 else
     DEVICE_ARGS=()
     CORE_PROVIDERS=()
     # torch.compile recompiles for every N (30-60 s each): it is in the core set only.
     SMALL_PROVIDERS=(--providers triton,cuda,chunked,inf_cl,open_clip,reference)
     MAXN_ARGS=(--time-cap 15 --call-cap 4)
+    PROFILE_ARGS=()
 fi
 run_stage bench-core "${CORE_TIMEOUT:-120}" "$BENCH_LOG" \
     "$PYTHON" -m benchmarks gpu-core ${DEVICE_ARGS[@]+"${DEVICE_ARGS[@]}"} ${CORE_PROVIDERS[@]+"${CORE_PROVIDERS[@]}"} --out "$RESULTS"
+run_stage profile "${PROFILE_TIMEOUT:-60}" "$PROFILE" \
+    "$PYTHON" -m benchmarks profile ${PROFILE_ARGS[@]+"${PROFILE_ARGS[@]}"}
 run_stage bench-sweep "${SWEEP_TIMEOUT:-75}" "$BENCH_LOG" \
     "$PYTHON" -m benchmarks gpu-sweep --short ${DEVICE_ARGS[@]+"${DEVICE_ARGS[@]}"} ${SMALL_PROVIDERS[@]+"${SMALL_PROVIDERS[@]}"} --out "$RESULTS"
 run_stage bench-maxn "${MAXN_TIMEOUT:-100}" "$BENCH_LOG" \

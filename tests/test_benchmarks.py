@@ -385,7 +385,7 @@ def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "out"
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8, files  # the device tool returns at most 8 files
-    assert {"summary.txt", "gpu.jsonl", "README_table.md", "bench.log", "env_build.log"} <= set(files)
+    assert {"summary.txt", "gpu.jsonl", "README_table.md", "bench.log", "env_build.log", "profile.txt"} <= set(files)
     recs = R.load([out / "gpu.jsonl"])
     status = {(r["provider"], r["kind"]): r["status"] for r in recs}
     assert status[("reference", "timing")] == "ok"
@@ -393,7 +393,9 @@ def test_gpu_check_dry_run(tmp_path):
     if backend_available("chunked"):
         assert status[("chunked", "timing")] == "ok" and status[("chunked", "max_n")] == "ok"
     summary = (out / "summary.txt").read_text()
-    assert "bench-core   ok" in summary and "tests        skipped" in summary
+    assert "bench-core   ok" in summary and "profile      ok" in summary and "tests        skipped" in summary
+    profile = (out / "profile.txt").read_text()
+    assert "-- chunked clip: the floor is 4 products" in profile and "-- triton clip" in profile
 
 
 # ------------------------------------------------------------------------- auto's GPU choice
@@ -486,3 +488,30 @@ def test_committed_auto_choice_matches_the_committed_gpu_results():
     readme = (REPO / "README.md").read_text()
     start, end = choose.AUTO_MARKERS
     assert readme.split(start, 1)[1].split(end, 1)[0].strip() == choose.markdown(entries).strip()
+
+
+# ------------------------------------------------------------------------------------ profile
+def test_profile_table_counts_products_per_step():
+    from benchmarks import profile
+
+    rows = [("_softmax_ce_bwd_kernel", 6, 3000.0), ("_softmax_ce_fwd_kernel", 3, 1500.0), ("memset", 3, 30.0)]
+    lines = profile.format_table(rows, steps=3, step_ms=1.6, product_ms=0.5, top=2)
+    bwd = lines[1].split()
+    assert bwd[0] == "_softmax_ce_bwd_kernel" and bwd[1:] == ["2", "1.000", "66.2%", "2.00"]
+    assert lines[3].split()[:2] == ["(1", "others)"]
+    # 4530 us over 3 steps = 1.51 ms of kernels = 3.02 products; the step took 1.6 ms = 3.2 products
+    assert "device time 1.510 ms = 3.02 products; step = 3.20 products" in lines[-1]
+
+
+def test_profile_runs_on_cpu(tmp_path):
+    out = tmp_path / "profile.txt"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "profile", "--device", "cpu", "--tiny", "--ops", "clip",
+                           "--providers", "reference,triton", "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text()
+    assert "-- reference clip: the floor is 4 products" in text and "aten::" in text
+    assert "-- triton clip: the floor is 4 products: unavailable" in text
+    bad = subprocess.run([sys.executable, "-m", "benchmarks", "profile", "--ops", "clap"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert bad.returncode == 2 and "'clap' is not one of" in bad.stderr
