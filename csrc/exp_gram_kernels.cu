@@ -5,6 +5,9 @@
 // off-diagonal tile counting twice. Persistent blocks walk the upper-triangle tiles (enumerated
 // column by column) and write one partial sum each; the host sums the partials.
 //
+// The pair j = k has distance 0 by definition: its term is exactly 1 (n_j + n_j - 2 S[j, j] from two
+// differently ordered fp32 sums is only ~1e-7, which left N = 1's gradient, exactly 0, at ~1e-6).
+//
 // Backward: with K[j, k] = exp(-t (n_j + n_k - 2 S[j, k])) (symmetric),
 //   dE/dx_j = -4 t (rowsum_j x_j - sum_k K[j, k] x_k),   rowsum_j = sum_k K[j, k].
 // A block owns BM rows and walks over all column tiles (a row-owning block needs no atomics; a
@@ -87,8 +90,9 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) exp_gram_fwd_kernel
     if (col < b_rows) {
       const acc_t n_c = norms[c0 + col];
       acc_t sum = acc_t(0);
+      const int diag_r = bi == bj ? col : -1;  // the tile's row that is this column's own sample
       for (int r = rpart; r < a_rows; r += K::kRowParts)
-        sum += exp_acc<kFast>(-t * (norms[r0 + r] + n_c - acc_t(2) * S[r * K::LDS + col]));
+        sum += r == diag_r ? acc_t(1) : exp_acc<kFast>(-t * (norms[r0 + r] + n_c - acc_t(2) * S[r * K::LDS + col]));
       local += (bi == bj ? acc_t(1) : acc_t(2)) * sum;  // an off-diagonal tile stands for its mirror too
     }
     __syncthreads();  // S is rewritten by the next tile
@@ -104,6 +108,7 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) exp_gram_bwd_kernel
   using acc_t = typename K::acc_t;
   constexpr bool kFast = Types<T>::kTensorCore;
   constexpr acc_t kH = HScale<T>::value;
+  static_assert(K::BN == K::BM, "the pair (j, j) lies in the tile c0 == r0");
   LSR_DYNAMIC_SMEM(smem);
   T* gemm1_smem = reinterpret_cast<T*>(smem);
   acc_t* S = reinterpret_cast<acc_t*>(smem + K::kOffS);
@@ -136,7 +141,11 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) exp_gram_bwd_kernel
     for (int k = 0; k < K::BN / K::kTPR; ++k) {
       const int c = part + K::kTPR * k;
       acc_t kv = acc_t(0);
-      if (row_ok && c < b_rows) kv = exp_acc<kFast>(-t * (n_r + norms[c0 + c] - acc_t(2) * S[row * K::LDS + c]));
+      if (row_ok && c < b_rows) {
+        // the pair (j, j) sits in the tile c0 == r0 (BN == BM): exactly 1, its two terms cancel exactly
+        kv = c0 == r0 && c == row ? acc_t(1)
+                                  : exp_acc<kFast>(-t * (n_r + norms[c0 + c] - acc_t(2) * S[row * K::LDS + c]));
+      }
       row_sum += kv;
       gemm2.sH[row * K::Gemm2::LDH + c] = Convert<T>::from(kv * kH);
     }

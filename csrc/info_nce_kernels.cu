@@ -217,7 +217,7 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_bwd_kernel
       const acc_t sv = S[row * K::LDS + c];
       acc_t h = acc_t(0);  // invalid rows / columns: weight 0 (their B rows are zeros as well)
       if (row_ok && c < b_rows) {
-        const acc_t x = s * sv;
+        const acc_t x = mul_rn(s, sv);  // the forward's rounded logit: a lone positive's h is exactly 0
         if (USE_ROW) h += exp_acc<kFast>(x - lse_r);
         if (USE_COL) h += exp_acc<kFast>(x - lse_b[c0 + c]);
         if (pos_col - c0 == c) h -= acc_t(int(USE_ROW) + int(USE_COL));

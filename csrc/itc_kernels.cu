@@ -77,15 +77,15 @@ __global__ void __launch_bounds__(kThreads) itc_fwd_kernel(const ItcFwdParams p)
       const acc_t* x2 = S2 + row * K::LDS;
       acc_t t1 = kNegInf, t2 = kNegInf;
       for (int c = j8; c < b_rows; c += 8) {
-        t1 = max_acc(t1, s * x1[c]);
-        t2 = max_acc(t2, s * x2[c]);
+        t1 = max_acc(t1, mul_rn(s, x1[c]));  // rounded logits (no FMA contraction), as the backward's
+        t2 = max_acc(t2, mul_rn(s, x2[c]));
       }
       t1 = group_max<8>(t1);
       t2 = group_max<8>(t2);
       acc_t e1 = acc_t(0), e2 = acc_t(0), w = acc_t(0);
       for (int c = j8; c < b_rows; c += 8) {
-        const acc_t v1 = s * x1[c];
-        const acc_t p2 = exp_acc<kFast>(s * x2[c] - t2);
+        const acc_t v1 = mul_rn(s, x1[c]);
+        const acc_t p2 = exp_acc<kFast>(mul_rn(s, x2[c]) - t2);
         e1 += exp_acc<kFast>(v1 - t1);
         e2 += p2;
         w += p2 * v1;
@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kThreads) itc_fwd_kernel(const ItcFwdParams p)
       const int row = rd * K::kRowsPerRound + warp * 4 + grp;
       if (row < a_rows) {
         const acc_t log_l1 = log_acc(l1[rd]);
-        const acc_t pos = s * dg[rd];
+        const acc_t pos = mul_rn(s, dg[rd]);
         lse[r0 + row] = m1[rd] + log_l1;
         lse_m[r0 + row] = m2[rd] + log_acc(l2[rd]);
         // (LSE - X_ii) - alpha (sum_j Pm_ij X_ij - X_ii), the first difference taken at the max
@@ -174,7 +174,8 @@ __global__ void __launch_bounds__(kThreads) itc_bwd_kernel(const ItcBwdParams p)
       const acc_t s1 = S1[row * K::LDS + c];
       acc_t h = acc_t(0);  // (P - Y)[row, c]
       if (row_ok && c < b_rows) {
-        h = exp_acc<kFast>(s * s1 - lse_r) - alpha * exp_acc<kFast>(s * S2[row * K::LDS + c] - lse_m_r);
+        // the forward's rounded logits (mul_rn: no FMA contraction into the subtraction)
+        h = exp_acc<kFast>(mul_rn(s, s1) - lse_r) - alpha * exp_acc<kFast>(mul_rn(s, S2[row * K::LDS + c]) - lse_m_r);
         if (r0 + row == c0 + c) h -= acc_t(1) - alpha;
       }
       ds_acc += h * s1;

@@ -76,7 +76,12 @@ inline cudaError_t prepare_launch(Kernel kernel, size_t smem_bytes, int max_smem
   (void)kernel;
   return cudaSuccess;
 #else
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
+  // Reported by the caller (check_launch); cleared here so that the next C10_CUDA_KERNEL_LAUNCH_CHECK
+  // (cudaGetLastError) of an unrelated PyTorch kernel does not fail with it.
+  if (err != cudaSuccess) (void)cudaGetLastError();
+  return err;
 #endif
 }
 
