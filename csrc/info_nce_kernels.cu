@@ -5,7 +5,8 @@
 // Forward, one pass over the tiles of X (a block owns BM rows of a and walks over all column tiles):
 //   row statistics   lse_row[i] = logsumexp_j X[i, j]   online max / sum per row, kept in registers;
 //   column statistics (symmetric) the same reduction down each tile's columns, merged across blocks
-//                    into one packed (max, sum) fp32 pair per column with a 64-bit atomicCAS;
+//                    into one packed (max, sum) fp32 pair per column with a 64-bit atomicCAS
+//                    (blocks start at staggered column tiles, so few contend for one slot);
 //   diagonal         X[i, i] read from the tile that holds it.
 //   CE(X) = mean_i (lse_row[i] - X[i, i]);  CE(X^T) = mean_j (lse_col[j] - X[j, j]).
 // fp64 has no 128-bit CAS for its pair, so there the column statistics are the row statistics of
@@ -47,6 +48,10 @@ struct InfoNceFwd {
   static constexpr int kRounds = BM / kRowsPerRound;
   static constexpr int kColThreads = kThreads - kRowWarps * 32;
   static constexpr int kColParts = FUSED ? kColThreads / BN : 1;  // threads sharing one column
+  // Fused: a block starts its walk over the column tiles at one of kStartPhases evenly spaced tiles,
+  // so the resident blocks' CAS merges of column statistics spread over that many column ranges
+  // instead of all contending for the same BN slots; a phase's blocks still share b tiles in L2.
+  static constexpr int kStartPhases = FUSED ? 8 : 1;
   static_assert(BM % kRowsPerRound == 0, "whole rounds of rows");
   static_assert(BN % 8 == 0, "8 lanes per row");
   static_assert(!FUSED || (kColThreads % BN == 0 && kColParts >= 1), "whole columns per thread group");
@@ -102,7 +107,10 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_fwd_kernel
 
   const T* a_ops[1] = {a + static_cast<int64_t>(r0) * D};
   acc_t* s_ops[1] = {S};
-  for (int c0 = 0; c0 < M; c0 += K::BN) {
+  const int n_tiles = (M + K::BN - 1) / K::BN;
+  const int first = static_cast<int>(static_cast<int64_t>(blockIdx.x % K::kStartPhases) * n_tiles / K::kStartPhases);
+  for (int t = 0; t < n_tiles; ++t) {
+    const int c0 = (first + t < n_tiles ? first + t : first + t - n_tiles) * K::BN;
     const int b_rows = min(K::BN, M - c0);
     K::Gemm::run(a_ops, a_rows, b + static_cast<int64_t>(c0) * D, b_rows, D, p.vec, gemm_smem, s_ops, K::LDS);
     __syncthreads();

@@ -214,7 +214,8 @@ def test_emulated_info_nce(emu, n, d, dtype, symmetric):
     (torch.float32, 20, 130),   # 2 D-chunks of the FMA backward (128 columns each)
     (torch.bfloat16, 20, 300),  # 2 D-chunks of the tensor-core backward (256 columns each)
     (torch.float64, 70, 9),     # 2 blocks of the fp64 forward (64 rows), 3 of its backward (32)
-], ids=["fp32-blocks", "bf16-blocks", "fp32-dchunks", "bf16-dchunks", "fp64-blocks"])
+    (torch.bfloat16, 600, 8),   # 5 forward blocks starting their column walk at tiles 0, 0, 1, 1, 2
+], ids=["fp32-blocks", "bf16-blocks", "fp32-dchunks", "bf16-dchunks", "fp64-blocks", "bf16-staggered"])
 def test_emulated_info_nce_multi_block(emu, dtype, n, d):
     run_info_nce_parity(emu, n, d, dtype, True, "cpu")
 
