@@ -15,6 +15,7 @@ distance from the floor. On a CPU the same table lists operators by self CPU tim
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 from pathlib import Path
@@ -105,6 +106,23 @@ def profile_step(fn: Callable[[], object], device: torch.device, steps: int = ST
     return rows
 
 
+def short_name(name: str) -> str:
+    """A C++ kernel's demangled name without its return type, namespaces and parameter list
+    (``void lsr::(anonymous namespace)::k<__nv_bfloat16, true>(lsr::P)`` -> ``k<__nv_bfloat16, true>``);
+    other names (Triton kernels, ``Memset (Device)``, CPU operators) as they are."""
+    if not name.startswith("void ") or not name.endswith(")"):
+        return name
+    name = name[len("void "):]
+    depth = 0
+    for i in range(len(name) - 1, -1, -1):  # drop the parameter list: the last balanced (...) group
+        depth += {")": 1, "(": -1}.get(name[i], 0)
+        if depth == 0:
+            name = name[:i]
+            break
+    head, angle, rest = name.partition("<")
+    return re.sub(r"^(?:\w+::|\(anonymous namespace\)::)+", "", head) + angle + rest
+
+
 def format_table(rows: List[Tuple[str, int, float]], steps: int, step_ms: float,
                  product_ms: Optional[float], top: int = TOP_KERNELS) -> List[str]:
     """Per-step lines: calls, ms, share of the profiled total, and products (``ms / product_ms``)."""
@@ -117,8 +135,10 @@ def format_table(rows: List[Tuple[str, int, float]], steps: int, step_ms: float,
         prods = f"{ms / product_ms:8.2f}" if product_ms else ""
         return f"    {name[:58]:<58} {calls / steps:5.3g} {ms:9.3f} {100 * us / total_us:5.1f}% {prods}"
 
+    if not rows:
+        lines.append("    (the profiler recorded nothing)")
     for name, calls, us in rows[:top]:
-        lines.append(line(name, calls, us))
+        lines.append(line(short_name(name), calls, us))
     rest = rows[top:]
     if rest:
         lines.append(line(f"({len(rest)} others)", sum(r[1] for r in rest), sum(r[2] for r in rest)))

@@ -503,6 +503,16 @@ def test_profile_table_counts_products_per_step():
     assert "device time 1.510 ms = 3.02 products; step = 3.20 products" in lines[-1]
 
 
+def test_profile_names_cuda_kernels_briefly():
+    from benchmarks.profile import short_name
+
+    assert short_name("void lsr::(anonymous namespace)::info_nce_fwd_kernel<__nv_bfloat16, true>"
+                      "(lsr::InfoNceFwdParams)") == "info_nce_fwd_kernel<__nv_bfloat16, true>"
+    assert short_name("void lsr::row_norms_kernel(lsr::P)") == "row_norms_kernel"
+    for kept in ("_softmax_ce_fwd_kernel", "Memset (Device)", "aten::mm"):
+        assert short_name(kept) == kept
+
+
 def test_profile_runs_on_cpu(tmp_path):
     out = tmp_path / "profile.txt"
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "profile", "--device", "cpu", "--tiny", "--ops", "clip",
