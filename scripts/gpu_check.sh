@@ -209,7 +209,9 @@ else
     WORKERS=()
     if "$PYTHON" -c "import xdist" >/dev/null 2>&1; then WORKERS=(-n "${TEST_WORKERS:-8}"); fi
     # shellcheck disable=SC2086  # word splitting of the file lists is intended
-    run_stage tests "${TESTS_TIMEOUT:-150}" "$TESTS_LOG" env LSR_TEST_GPU=1 LSR_TRITON_AUTOTUNE=0 \
+    # LSR_SKIP_CUDA_BUILD=1: the build stage has decided; without an extension the CUDA tests skip
+    # instead of each xdist worker starting a minutes-long JIT build.
+    run_stage tests "${TESTS_TIMEOUT:-150}" "$TESTS_LOG" env LSR_TEST_GPU=1 LSR_TRITON_AUTOTUNE=0 LSR_SKIP_CUDA_BUILD=1 \
         "$PYTHON" -m pytest -m gpu -v --tb=short -p no:cacheprovider -ra ${WORKERS[@]+"${WORKERS[@]}"} $FIRST $REST
 fi
 

@@ -36,6 +36,7 @@ from lsr_kernels import ClipLoss, FeatureQueue, ITCLoss, LSRLoss, distributed as
 from helpers import FEATURE_NAMES, backend_available, rel_err, unit_rows
 
 JOB_TIMEOUT_S = 170
+GPU_JOB_TIMEOUT_S = 90  # the GPU jobs run inside scripts/gpu_check.sh's 150 s test stage
 COLLECTIVE_TIMEOUT_S = 45
 FLAGS = [(True, True), (False, True), (False, False), (True, False)]  # (local_loss, gather_with_grad)
 ALL_ON = dict(sep_weight=1.0, bridge_weight=1.0, gc_weight=0.25)
@@ -560,15 +561,19 @@ def test_nccl_lsr_and_clip_on_two_or_more_gpus(cuda_device):
         pytest.skip("NCCL needs one GPU per rank: fewer than 2 GPUs visible")
     _needs_open_clip()
     fast = ("reference", "triton") if backend_available("triton") else ("reference", "chunked")
-    _run(_job_lsr, 2, "cuda:rank", fast, pg_backend="nccl")
-    _run(_job_clip_itc, 2, "cuda:rank", fast, pg_backend="nccl")
+    _run(_job_lsr, 2, "cuda:rank", fast, pg_backend="nccl", timeout=GPU_JOB_TIMEOUT_S)
+    _run(_job_clip_itc, 2, "cuda:rank", fast, pg_backend="nccl", timeout=GPU_JOB_TIMEOUT_S)
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_cost(40)  # two spawned processes, each importing torch and compiling the ITC kernels
 def test_gloo_with_cuda_tensors_on_one_gpu(cuda_device):
     """Two ranks sharing one GPU over gloo (which all-gathers and all-reduces CUDA tensors but has no
-    CUDA point-to-point): gather mode, the chunked engine and the backends' ITC kernels."""
-    _run(_job_gloo_cuda, 2)
+    CUDA point-to-point): gather mode, the chunked engine and the backends' ITC kernels.
+
+    Bounded by GPU_JOB_TIMEOUT_S, well inside the GPU check's 150 s test stage: a hang fails this test
+    instead of taking the whole stage with it."""
+    _run(_job_gloo_cuda, 2, timeout=GPU_JOB_TIMEOUT_S)
 
 
 def _job_gloo_cuda(rank, world):

@@ -110,7 +110,9 @@ def test_triton_interpreter_matches_reference_on_first_steps(runs, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["chunked", "triton", "cuda"])
+@pytest.mark.parametrize("backend", [pytest.param("chunked", marks=pytest.mark.gpu_cost(10)),
+                                     pytest.param("triton", marks=pytest.mark.gpu_cost(30)),  # ~10 Triton compiles
+                                     pytest.param("cuda", marks=pytest.mark.gpu_cost(10))])
 @pytest.mark.parametrize("model", ["clip", "albef"])
 def test_gpu_backends_follow_the_reference_trajectory(cuda_device, tmp_path, model, backend):
     """The 12-step parity run on the GPU: each fused backend against the reference, same device."""

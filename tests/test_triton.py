@@ -431,37 +431,44 @@ def _bf16_fp16():
     return pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 
 
+# The GPU checks below run one primitive per test: each compiles only its own kernels (2-3), so
+# pytest-xdist spreads the compiles over its workers (a cold Triton compile is seconds per kernel).
+GPU_PRIMITIVES = ["info_nce-symmetric", "info_nce-one-way", "itc", "exp_gram"]
+
+
+def _gpu_primitive(name, a, b, q_m, bank, s):
+    """``(ours, reference, inputs, wrt)`` of one primitive on the given rows."""
+    if name.startswith("info_nce"):
+        symmetric = name == "info_nce-symmetric"
+        return (lambda a, b, s: T.info_nce(a, b, s, symmetric), lambda a, b, s: R.info_nce(a, b, s, symmetric),
+                [a, b, s], [0, 1, 2])
+    if name == "itc":
+        return (lambda q, q_m, bank, s: T.itc_soft_ce(q, q_m, bank, s, 0.4),
+                lambda q, q_m, bank, s: R.itc_soft_ce(q, q_m, bank, s, 0.4), [a, q_m, bank, s], [0, 3])
+    return lambda x: T.exp_gram_sum(x, 2.0), lambda x: R.exp_gram_sum(x, 2.0), [a], [0]
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("primitive", GPU_PRIMITIVES)
 @_bf16_fp16()
 @pytest.mark.parametrize("n,d", [(1000, 200), (4097, 512), (1000, 1024)])
-def test_gpu_low_precision_no_worse_than_pytorch(cuda_device, dtype, n, d):
+def test_gpu_low_precision_no_worse_than_pytorch(cuda_device, dtype, n, d, primitive):
     dev = cuda_device
     a, b, q_m = (unit_rows(n, d, device=dev, requires_grad=False) for _ in range(3))
     bank = unit_rows(n + 3 * n // 2, d, device=dev, requires_grad=False)
-    s = _scale(30.0, device=dev)
-    for symmetric in (True, False):
-        _low_precision_check(lambda a, b, s: T.info_nce(a, b, s, symmetric),
-                             lambda a, b, s: R.info_nce(a, b, s, symmetric), [a, b, s], [0, 1, 2], dtype)
-    _low_precision_check(lambda q, q_m, bank, s: T.itc_soft_ce(q, q_m, bank, s, 0.4),
-                         lambda q, q_m, bank, s: R.itc_soft_ce(q, q_m, bank, s, 0.4), [a, q_m, bank, s], [0, 3], dtype)
-    _low_precision_check(lambda x: T.exp_gram_sum(x, 2.0), lambda x: R.exp_gram_sum(x, 2.0), [a], [0], dtype)
+    ours, ref, inputs, wrt = _gpu_primitive(primitive, a, b, q_m, bank, _scale(30.0, device=dev))
+    _low_precision_check(ours, ref, inputs, wrt, dtype)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("primitive", GPU_PRIMITIVES)
 @pytest.mark.parametrize("n,d", [(1, 1), (17, 33), (131, 65), (1000, 512)])
-def test_gpu_fp32_matches_reference(cuda_device, n, d):
+def test_gpu_fp32_matches_reference(cuda_device, n, d, primitive):
     dev = cuda_device
     a, b, q_m = (unit_rows(n, d, device=dev) for _ in range(3))
     bank = unit_rows(2 * n + 5, d, device=dev)
-    s = _scale(14.3, device=dev)
-    for symmetric in (True, False):
-        _compare(lambda a, b, s: T.info_nce(a, b, s, symmetric), lambda a, b, s: R.info_nce(a, b, s, symmetric),
-                 [a, b, s], wrt=[0, 1, 2], loss_tol=1e-5, grad_tol=1e-4)
-    _compare(lambda q, q_m, bank, s: T.itc_soft_ce(q, q_m, bank, s, 0.4),
-             lambda q, q_m, bank, s: R.itc_soft_ce(q, q_m, bank, s, 0.4), [a, q_m, bank, s], wrt=[0, 3],
-             loss_tol=1e-5, grad_tol=1e-4)
-    _compare(lambda x: T.exp_gram_sum(x, 2.0), lambda x: R.exp_gram_sum(x, 2.0), [a], wrt=[0],
-             loss_tol=1e-5, grad_tol=1e-4)
+    ours, ref, inputs, wrt = _gpu_primitive(primitive, a, b, q_m, bank, _scale(14.3, device=dev))
+    _compare(ours, ref, inputs, wrt=wrt, loss_tol=1e-5, grad_tol=1e-4)
 
 
 @pytest.mark.gpu
@@ -472,56 +479,76 @@ def test_gpu_large_batch_bf16(cuda_device):
                          [a, b, _scale(100.0, device=cuda_device)], [0, 1, 2], torch.bfloat16)
 
 
+# One test per (kernel family, config): each compiles 1-4 kernels, so pytest-xdist spreads the ~40
+# compiles of "every config" over its workers instead of one worker spending a minute or more on them.
+# The backward configs get their base-2 LSEs (and the Gram its squared norms) from float64 torch, not
+# from a forward kernel: no extra forward compile per test, and the backward is checked on its own.
+_EVERY_CONFIG = (
+    [pytest.param("softmax_ce_fwd", i, id=f"softmax_ce_fwd-{i}") for i in range(len(softmax_ce.FORWARD_CONFIGS))]
+    + [pytest.param("softmax_ce_bwd", i, id=f"softmax_ce_bwd-{i}") for i in range(len(softmax_ce.BACKWARD_CONFIGS))]
+    + [pytest.param("exp_gram_fwd", i, id=f"exp_gram_fwd-{i}") for i in range(len(exp_gram.FORWARD_CONFIGS))]
+    + [pytest.param("exp_gram_bwd", i, id=f"exp_gram_bwd-{i}") for i in range(len(exp_gram.BACKWARD_CONFIGS))])
+
+
 @pytest.mark.gpu
-def test_gpu_every_autotune_config(cuda_device):
-    """Each config of each kernel, run explicitly (bypassing the autotuner), against the reference."""
+@pytest.mark.parametrize("family,index", _EVERY_CONFIG)
+def test_gpu_every_autotune_config(cuda_device, family, index):
+    """Each config of each kernel, run explicitly (bypassing the autotuner), against the float64
+    reference on the same bf16 inputs."""
     n, d, dtype = 700, 200, torch.bfloat16
     dev = cuda_device
     a, b, q_m = (unit_rows(n, d, device=dev, requires_grad=False).to(dtype) for _ in range(3))
     bank = unit_rows(n + 900, d, device=dev, requires_grad=False).to(dtype)
     s = torch.tensor(20.0, device=dev)
     grad = torch.tensor(1.0, device=dev)
-
     ex = [t.double().requires_grad_() for t in (a, b)]
     s64 = s.double().requires_grad_()
-    ref = R.info_nce(ex[0], ex[1], s64, True)
-    ref_grads = torch.autograd.grad(ref, [*ex, s64])
-    ref_itc = R.itc_soft_ce(ex[0], q_m.double(), bank.double(), s64, 0.4)
-    ref_itc_grads = torch.autograd.grad(ref_itc, [ex[0], s64])
-    ref_one_way = R.info_nce(ex[0], ex[1], s64, False)
-    ref_one_way_grads = torch.autograd.grad(ref_one_way, [ex[0], s64])
-    ref_gram = R.exp_gram_sum(ex[0], 2.0)
-    ref_gram_grad, = torch.autograd.grad(ref_gram, [ex[0]])
-    tol = 2e-2  # bf16 arithmetic on 700 x 200: well above its ~4e-3 error, far below a wrong kernel's O(1)
+    # bf16 arithmetic on 700 x 200: well above its ~4e-3 error, far below a wrong kernel's O(1)
+    tol = 2e-2
 
-    for cfg in softmax_ce.FORWARD_CONFIGS:
+    if family == "softmax_ce_fwd":
+        cfg = softmax_ce.FORWARD_CONFIGS[index]
         loss, _ = softmax_ce.info_nce_forward(a, b, s, True, config=cfg)
-        assert rel_err(loss, ref) < 1e-3, cfg
+        assert rel_err(loss, R.info_nce(ex[0], ex[1], s64, True)) < 1e-3, cfg
         loss, _ = softmax_ce.itc_forward(a, q_m, bank, s, 0.4, config=cfg)
-        assert rel_err(loss, ref_itc) < 1e-3, cfg
-    _, lse2 = softmax_ce.info_nce_forward(a, b, s, True)
-    _, itc_lse2 = softmax_ce.itc_forward(a, q_m, bank, s, 0.4)
-    for cfg in softmax_ce.BACKWARD_CONFIGS:
+        assert rel_err(loss, R.itc_soft_ce(ex[0], q_m.double(), bank.double(), s64, 0.4)) < 1e-3, cfg
+    elif family == "softmax_ce_bwd":
+        cfg = softmax_ce.BACKWARD_CONFIGS[index]
+        # the saved statistics are base-2 log-sum-exps: log2 sum_j exp(x_ij) = logsumexp(x)_i / ln 2
+        x = s64.detach() * (ex[0].detach() @ ex[1].detach().T)
+        lse2 = (torch.stack([torch.logsumexp(x, 1), torch.logsumexp(x, 0)]) / _common.LN2).float()
+        ref_grads = torch.autograd.grad(R.info_nce(ex[0], ex[1], s64, True), [*ex, s64])
         got = softmax_ce.info_nce_backward(grad, a, b, s, lse2, True, True, True, True, config=cfg)
         for g, h in zip(got, ref_grads):
             assert rel_err(g, h) < tol, cfg
+        itc_x = s64.detach() * (ex[0].detach() @ bank.double().T)
+        soft_x = s64.detach() * (q_m.double() @ bank.double().T)
+        itc_lse2 = (torch.stack([torch.logsumexp(itc_x, 1), torch.logsumexp(soft_x, 1)]) / _common.LN2).float()
+        ref_itc_grads = torch.autograd.grad(R.itc_soft_ce(ex[0], q_m.double(), bank.double(), s64, 0.4),
+                                            [ex[0], s64])
         got = softmax_ce.itc_backward(grad, a, q_m, bank, s, itc_lse2, 0.4, True, True, config=cfg)
         for g, h in zip(got, ref_itc_grads):
             assert rel_err(g, h) < tol, cfg
+        ref_one_way = R.info_nce(ex[0], ex[1], s64, False)
+        ref_one_way_grads = torch.autograd.grad(ref_one_way, [ex[0], s64])
         loss, _, h_b, h_dot = softmax_ce.info_nce_forward_with_grad(a, b, s, config=cfg)
         assert rel_err(loss, ref_one_way) < 1e-3, cfg
         assert rel_err(h_b.float() * (s / n), ref_one_way_grads[0]) < tol, cfg
         assert rel_err(h_dot / n, ref_one_way_grads[1]) < tol, cfg
-    for cfg in exp_gram.FORWARD_CONFIGS:
+    elif family == "exp_gram_fwd":
+        cfg = exp_gram.FORWARD_CONFIGS[index]
         total, _ = exp_gram.exp_gram_forward(a, 2.0, config=cfg)
-        assert rel_err(total, ref_gram) < 1e-4, cfg
-    _, sq = exp_gram.exp_gram_forward(a, 2.0)
-    for cfg in exp_gram.BACKWARD_CONFIGS:
+        assert rel_err(total, R.exp_gram_sum(ex[0], 2.0)) < 1e-4, cfg
+    else:
+        cfg = exp_gram.BACKWARD_CONFIGS[index]
+        ref_gram_grad, = torch.autograd.grad(R.exp_gram_sum(ex[0], 2.0), [ex[0]])
+        sq = a.float().square().sum(1)  # what the row-norm kernel saves: fp32 sums of exact bf16 squares
         dx = exp_gram.exp_gram_backward(grad, a, sq, 2.0, config=cfg)
         assert rel_err(dx, ref_gram_grad) < tol, cfg
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_cost(60)
 def test_gpu_compiled_training_step(cuda_device):
     """torch.compile(fullgraph=True) with inductor: projection heads + the three custom ops, one step."""
     torch._dynamo.reset()
@@ -548,6 +575,7 @@ def test_gpu_compiled_training_step(cuda_device):
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_cost(25)
 def test_gpu_peak_memory_is_linear_in_n(cuda_device):
     """N = 65536 and 131072, D = 512, bf16: fwd + bwd of the symmetric loss (and ITC with a 65536 queue,
     and the Gram sum) use well under 2 GB beyond inputs and gradients, and the extra grows ~linearly
@@ -575,6 +603,7 @@ def test_gpu_peak_memory_is_linear_in_n(cuda_device):
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_cost(15)
 def test_gpu_gradcheck_float64(cuda_device):
     a, b = (torch.randn(5, 3, dtype=torch.float64, device=cuda_device) for _ in range(2))
     s = _scale(3.0, torch.float64, device=cuda_device)
