@@ -92,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_fwd(const at::Tensor& a,
 
 // One-way CE(s a b^T) with a's gradient formed in the same pass (no recompute in the backward).
 // a: [N, D], b: [M, D] (M >= N), scale, offset: as info_nce_fwd with symmetric = false
-// returns loss [] (acc), lse_row [N] (acc), grad_unit [N, D] (a's dtype): sum_j P_ij b_j - b_(i + offset),
+// returns loss [] (acc), lse_row [N] (acc), grad_unit [N, D] (acc): sum_j P_ij b_j - b_(i + offset),
 //         ds [] (acc): sum_ij (P - I)_ij <a_i, b_j>;  dL/da = g s / N grad_unit, dL/ds = g / N ds
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_fwd_grad(const at::Tensor& a,
                                                                              const at::Tensor& b,
@@ -108,7 +108,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_fwd_grad(con
   const auto acc_opts = a.options().dtype(acc_type(a.scalar_type()));
   at::Tensor lse_row = at::empty({n}, acc_opts), row_term = at::empty({n}, acc_opts);
   at::Tensor ds_row = at::empty({n}, acc_opts);
-  at::Tensor grad_unit = at::empty_like(a);
+  // acc, not a's dtype: the backward scales it by g s / N, then rounds once
+  at::Tensor grad_unit = at::empty({n, a.size(1)}, acc_opts);
 
   InfoNceFwdGradParams p{};
   set_operands(p, a, b, s, offset, kFwdGrad);

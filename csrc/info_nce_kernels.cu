@@ -356,10 +356,11 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_fwd_grad_k
     static_cast<acc_t*>(p.ds_row)[r0 + row] = w / l - diag;
   }
   __syncthreads();
-  T* grad_unit = static_cast<T*>(p.grad_unit);
+  // kept in acc_t: the backward scales it by g s / N and rounds to T once
+  acc_t* grad_unit = static_cast<acc_t*>(p.grad_unit);
   gemm2.store(staging, a_rows, d0, D, [&](int r, int col, acc_t v) {
     const int64_t pos = static_cast<int64_t>(r0 + r + p.pos_off) * D + col;
-    grad_unit[static_cast<int64_t>(r0 + r) * D + col] = Convert<T>::from(v / (kPScale * rows[r]) - to_acc(B[pos]));
+    grad_unit[static_cast<int64_t>(r0 + r) * D + col] = v / (kPScale * rows[r]) - to_acc(B[pos]);
   });
 }
 

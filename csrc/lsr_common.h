@@ -74,7 +74,7 @@ struct InfoNceFwdGradParams {
   bool vec;
   void* lse_row;        // [n] acc
   void* row_term;       // [n] acc: lse_row[i] - X[i, i + pos_off]
-  void* grad_unit;      // [n, d] in the input dtype
+  void* grad_unit;      // [n, d] in the accumulation dtype (rounded to the input dtype once, after scaling)
   void* ds_row;         // [n] acc
 };
 

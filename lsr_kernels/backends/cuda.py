@@ -133,7 +133,8 @@ def _register_fakes(namespace: str) -> None:
 
     @torch.library.register_fake(lib + "info_nce_fwd_grad")
     def _info_nce_fwd_grad(a, b, scale, offset):
-        return (a.new_empty((), dtype=_acc(a)), a.new_empty((a.shape[0],), dtype=_acc(a)), torch.empty_like(a),
+        return (a.new_empty((), dtype=_acc(a)), a.new_empty((a.shape[0],), dtype=_acc(a)),
+                a.new_empty(a.shape, dtype=_acc(a)),
                 a.new_empty((), dtype=_acc(a)))
 
     @torch.library.register_fake(lib + "exp_gram_fwd")
@@ -200,7 +201,7 @@ def _make_primitives(ops) -> SimpleNamespace:
             need_a, need_b, need_s = ctx.needs_input_grad[:3]
             n, acc = a.shape[0], _acc(a)
             g = grad_loss.to(acc).reshape(())
-            grad_a = (grad_unit.to(acc) * (g * scale.to(acc).reshape(()) / n)).to(a.dtype) if need_a else None
+            grad_a = (grad_unit * (g * scale.to(acc).reshape(()) / n)).to(a.dtype) if need_a else None
             grad_s = _scale_grad(g / n * ds, scale) if need_s else None
             grad_b = None
             if need_b:

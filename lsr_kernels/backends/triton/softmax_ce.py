@@ -42,7 +42,7 @@ Kernels
 No N x N (or N x M) buffer is ever allocated; the extra memory is O(N) statistics, plus an fp32
 ``[splits, N, D]`` partial gradient only when a batch is too small to fill the GPU without splitting
 the columns (a small batch against a long ITC queue; bounded, see ``_common.plan_backward``), and
-for the one-way forward with the gradient the saved ``[N, D]`` ``P b - b_pos`` (in ``a``'s dtype).
+for the one-way forward with the gradient the saved ``[N, D]`` ``P b - b_pos`` (fp32; fp64 for fp64).
 """
 from typing import Dict, Optional, Tuple
 
@@ -484,7 +484,8 @@ def info_nce_forward_with_grad(a: Tensor, b: Tensor, scale: Tensor, offset: int 
     """One-way ``CE(s a b^T)`` with ``a``'s gradient formed in the same pass (no recompute later).
 
     Returns the loss, the saved base-2 row LSEs ``[1, N]`` (for ``db``), ``H b = P b - b_pos``
-    (``dL/da = g s / N * H b``; fp32/fp64 for fp32/fp64 inputs, else the input dtype, like a gradient)
+    (``dL/da = g s / N * H b``; in the accumulation dtype, so the gradient is rounded to ``a``'s dtype
+    once, after scaling)
     and ``sum_ij H_ij <a_i, b_j>`` (``dL/ds = g / N * that``), with ``H = P_row - I`` shifted by
     ``offset``."""
     n, d = a.shape
@@ -519,7 +520,7 @@ def info_nce_forward_with_grad(a: Tensor, b: Tensor, scale: Tensor, offset: int 
     loss = ((top - diag2) + log2_total).sum() * LN2 / n
     h_b = accum.div_(total[:, None]).sub_(b[offset:offset + n])
     h_dot = (dot / total - diag_raw).sum()
-    return loss, (top + log2_total)[None], h_b.to(a.dtype), h_dot
+    return loss, (top + log2_total)[None], h_b, h_dot
 
 
 # ---------------------------------------------------------------------- itc_soft_ce: forward/backward
@@ -614,7 +615,7 @@ def _info_nce_with_grad_op(a: Tensor, b: Tensor, scale: Tensor, offset: int) -> 
 @_info_nce_with_grad_op.register_fake
 def _info_nce_with_grad_fake(a, b, scale, offset):
     acc = acc_dtype(a.dtype)
-    return (a.new_empty((), dtype=acc), a.new_empty((1, a.shape[0]), dtype=acc), a.new_empty(a.shape),
+    return (a.new_empty((), dtype=acc), a.new_empty((1, a.shape[0]), dtype=acc), a.new_empty(a.shape, dtype=acc),
             a.new_empty((), dtype=acc))
 
 
@@ -633,7 +634,7 @@ def _info_nce_with_grad_grad(ctx, grad_loss, _grad_lse2, _grad_h_b, _grad_h_dot)
     g = grad_loss.to(acc).reshape(())
     da = db = dscale = None
     if needs_a:
-        da = (h_b.to(acc) * (g * scale.to(acc) / n)).to(a.dtype)
+        da = (h_b * (g * scale.to(acc) / n)).to(a.dtype)
     if needs_scale:
         dscale = (g / n * h_dot).to(scale.dtype)
     if needs_b:
