@@ -161,6 +161,18 @@ def test_one_way_positive_alone_gives_exact_zeros(cpu):
     assert loss.item() == 0.0 and ds.item() == 0.0 and torch.count_nonzero(da) == 0
 
 
+def test_one_way_gradient_is_rounded_once(cpu):
+    """fp16: the forward keeps ``P b - b_pos`` in fp32 (rounding it there and again after the
+    backward's scaling would double the error), and ``da`` is that times ``g s / N``, rounded once."""
+    a, b = (unit_rows(24, 16).half() for _ in range(2))
+    s = _scale(10.0)
+    _, _, h_b, _ = softmax_ce.info_nce_forward_with_grad(a, b, s)
+    assert h_b.dtype == torch.float32
+    a = a.requires_grad_()
+    da, = torch.autograd.grad(T.info_nce(a, b, s, False), [a], grad_outputs=torch.tensor(3.0))
+    assert torch.equal(da, (h_b * (3.0 * 10.0 / 24)).half())
+
+
 def test_info_nce_large_scale_is_stable(cpu):
     """s = 1000 (ALBEF's temperature floor): logits span +-1443 in base 2, far beyond exp's range."""
     a, b = unit_rows(17, 8), unit_rows(17, 8)
