@@ -9,8 +9,8 @@
 # build, tests, bench-core, profile, bench-sweep, bench-maxn), -h/--help. Environment: OUT (output folder;
 # default ./out/gpu_check), PYTHON (default: python, else python3), LSR_BENCH_COMMIT (the commit
 # to record when the tree has no .git), per-stage caps in seconds: BUILD_TIMEOUT (210),
-# TESTS_TIMEOUT (150), CORE_TIMEOUT (120), PROFILE_TIMEOUT (60), SWEEP_TIMEOUT (75), MAXN_TIMEOUT (100); TEST_WORKERS (8:
-# pytest-xdist processes for the GPU tests, when xdist is installed).
+# TESTS_TIMEOUT (150), CORE_TIMEOUT (120), PROFILE_TIMEOUT (60), SWEEP_TIMEOUT (75), MAXN_TIMEOUT (100); TEST_WORKERS (the
+# cores, at most 12: pytest-xdist processes for the GPU tests, when xdist is installed).
 #
 # The GPU machine has no network: nothing is downloaded. Inf-CL (a baseline) is installed from the
 # wheel in benchmarks/wheels/ with --no-deps --no-index, and open_clip's loss.py is read from its
@@ -207,7 +207,10 @@ else
     # with pytest-xdist (in the GPU image) TEST_WORKERS processes compile in parallel and share the GPU.
     # -v names each test as it ends, so a stage cut by its limit still says what passed.
     WORKERS=()
-    if "$PYTHON" -c "import xdist" >/dev/null 2>&1; then WORKERS=(-n "${TEST_WORKERS:-8}"); fi
+    # Default: one per core up to 12 (the GPU machine has 16: room for ptxas and inductor's helpers).
+    CORES=$(nproc 2>/dev/null || echo 8)
+    [ "$CORES" -gt 12 ] && CORES=12
+    if "$PYTHON" -c "import xdist" >/dev/null 2>&1; then WORKERS=(-n "${TEST_WORKERS:-$CORES}"); fi
     # shellcheck disable=SC2086  # word splitting of the file lists is intended
     # LSR_SKIP_CUDA_BUILD=1: the build stage has decided; without an extension the CUDA tests skip
     # instead of each xdist worker starting a minutes-long JIT build.
