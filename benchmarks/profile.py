@@ -19,13 +19,14 @@ import re
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 from . import ops as O
 from . import providers as P
 from . import records as R
+from .common import Settings
 from .measure import Case, make_timed_fn
 
 #: Profiled steps after warm-up (the table is per step).
@@ -222,9 +223,8 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             parser.error(f"--ops: {op!r} is not one of {O.OPS}")
     for name in providers:
         P.get(name)  # a clear error for a misspelt provider
-    n, d, k = args.n, args.d, args.k
-    if args.tiny:
-        n, d, k = max(16, n // 1024), max(8, d // 32), max(16, k // 1024)
+    shrink = Settings(tiny=args.tiny)  # the suites' --tiny mapping
+    n, d, k = shrink.n(args.n), shrink.d(args.d), shrink.k(args.k)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("profile: no CUDA device here (use --device cpu for a dry run of its plumbing)")
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
