@@ -27,8 +27,8 @@ import tempfile
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -37,8 +37,8 @@ from lsr_kernels.backends.triton import _common, exp_gram, softmax_ce  # noqa: E
 #: Shared memory one sm_90 thread block may use (227 KiB, opt-in).
 SM90_MAX_SMEM = 232448
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-DTYPES = {"bf16": ("*bf16", tl.float32, "tf32"), "fp16": ("*fp16", tl.float32, "tf32"),
-          "fp32": ("*fp32", tl.float32, "ieee"), "fp64": ("*fp64", tl.float64, "ieee")}
+DTYPES = {"bf16": ("*bf16", torch.bfloat16), "fp16": ("*fp16", torch.float16),
+          "fp32": ("*fp32", torch.float32), "fp64": ("*fp64", torch.float64)}
 
 
 def _names(names, ty):
@@ -126,9 +126,12 @@ def jobs(all_configs: bool, dtypes, widths):
     """(kernel name, dtype name, D_PADDED, flags, config) to build."""
     for kernel, configs in CONFIGS.items():
         for dtype in dtypes:
-            _, acc, precision = DTYPES[dtype]
+            torch_dtype = DTYPES[dtype][1]
             for width in widths:
-                base = dict(ACC_DTYPE=acc, DOT_PRECISION=precision, D_PADDED=width)
+                # the constexprs the launchers pass for this dtype
+                base = dict(**_common.kernel_dtypes(torch_dtype), D_PADDED=width)
+                if kernel.startswith("softmax_ce"):
+                    base.update(softmax_ce.factored_exp_args(torch_dtype))
                 flag_sets = FLAGS[kernel] if all_configs else FLAGS[kernel][:1]
                 for flags in flag_sets:
                     pruned = _common.prune_configs(configs, {**base, **flags})
@@ -149,7 +152,7 @@ def main(argv=None) -> int:
     for kernel, dtype, width, constexprs, cfg in jobs(args.all, dtypes, widths):
         fn, signature = _signatures(DTYPES[dtype][0], "*fp64" if dtype == "fp64" else "*fp32")[kernel]
         flags = ",".join(f"{k}={int(v)}" for k, v in constexprs.items()
-                         if k not in ("ACC_DTYPE", "DOT_PRECISION", "D_PADDED")) or "-"
+                         if k not in ("ACC_DTYPE", "DOT_PRECISION", "D_PADDED", "FACTOR_SPREAD")) or "-"
         label = (f"{kernel} {dtype} D={width} {flags} "
                  f"{'x'.join(str(v) for v in cfg.kwargs.values())}/w{cfg.num_warps}/s{cfg.num_stages}")
         try:

@@ -151,14 +151,16 @@ def test_one_way_forward_with_grad_over_d_slices(cpu, d):
              [a, b, _scale(12.0)], wrt=[0, 1, 2])
 
 
-def test_one_way_positive_alone_gives_exact_zeros(cpu):
-    """A row whose positive is the only term (other logits underflow): loss, da and ds exactly 0."""
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+def test_positive_alone_gives_exact_zeros(cpu, symmetric):
+    """A row whose positive is the only term (other logits underflow): loss, gradients and ds exactly 0."""
     a = torch.eye(4, 16)
     b = torch.eye(4, 16)
     a, b, s = *_leaves(a, b), _scale(1000.0)
-    loss = T.info_nce(a, b, s, False)
-    da, ds = torch.autograd.grad(loss, [a, s])
-    assert loss.item() == 0.0 and ds.item() == 0.0 and torch.count_nonzero(da) == 0
+    loss = T.info_nce(a, b, s, symmetric)
+    da, db, ds = torch.autograd.grad(loss, [a, b, s])
+    assert loss.item() == 0.0 and ds.item() == 0.0
+    assert torch.count_nonzero(da) == 0 and torch.count_nonzero(db) == 0
 
 
 def test_one_way_gradient_is_rounded_once(cpu):
@@ -244,6 +246,41 @@ def test_fp16_no_worse_than_pytorch(cpu):
                          lambda q, q_m, bank, s: R.itc_soft_ce(q, q_m, bank, s, 0.4), [a, q_m, bank, s], [0, 3],
                          torch.float16)
     _low_precision_check(lambda x: T.exp_gram_sum(x, 2.0), lambda x: R.exp_gram_sum(x, 2.0), [a], [0], torch.float16)
+
+
+def _wide_spread_rows(n, d, low, high):
+    """Unit rows scaled by norms from 10^low to 10^high: at s = 30 a tile's row maxima and column maxima
+    (base 2) then lie hundreds apart, far past ``FACTORED_EXP_SPREAD``."""
+    return unit_rows(n, d, requires_grad=False) * torch.logspace(low, high, n)[:, None]
+
+
+def test_symmetric_fp16_shares_one_exponential_per_logit(cpu, monkeypatch):
+    """fp16/bf16 take the column softmax from the row's exponential times a rank-one factor, falling back
+    to two exponentials for a tile whose statistics spread too far. Without the fallback (an infinite
+    allowed spread) wide-spread rows give NaN, which shows the factored path runs for fp16; with it,
+    they meet the fp16 bound; fp32 never factors."""
+    a, b = _wide_spread_rows(40, 16, -1.3, 0.6), _wide_spread_rows(40, 16, 0.6, -1.3)
+
+    def check(dtype):
+        _low_precision_check(lambda a, b, s: T.info_nce(a, b, s, True), lambda a, b, s: R.info_nce(a, b, s, True),
+                             [a, b, _scale(30.0)], [0, 1, 2], dtype)
+
+    check(torch.float16)
+    monkeypatch.setattr(softmax_ce, "FACTORED_EXP_SPREAD", float("inf"))
+    with pytest.raises(AssertionError):
+        check(torch.float16)
+    loss = T.info_nce(a.half(), b.half(), _scale(30.0), True)
+    assert not torch.isfinite(loss)
+    _compare(lambda a, b, s: T.info_nce(a, b, s, True), lambda a, b, s: R.info_nce(a, b, s, True),
+             [a, b, _scale(30.0)], wrt=[0, 1, 2], loss_tol=1e-5, grad_tol=1e-4)
+
+
+def test_symmetric_fp16_lone_pair_is_exactly_zero(cpu):
+    """N = 1: every factor is 2^0, so the factored exponentials keep the loss and gradients exactly 0."""
+    a, b, s = *_leaves(unit_rows(1, 24).half(), unit_rows(1, 24).half()), _scale(30.0)
+    loss = T.info_nce(a, b, s, True)
+    assert loss.item() == 0.0
+    assert all(torch.count_nonzero(g) == 0 for g in grads(loss, [a, b, s]))
 
 
 # ------------------------------------------------------------------------------- layouts and plans

@@ -25,7 +25,9 @@ Kernels
     rectangle, so row statistics are partial per split ``[splits, N]`` and column statistics partial
     per group ``[groups, M]``: O(N) memory for a bounded number of programs; a few torch ops merge them.
     The positives ``t_ii`` are read from the same tiles, and the loss is summed per row as
-    ``(max - t_ii) + log2(sum)``, so no O(N s) sums cancel and a lone positive gives exactly 0.
+    ``(max - t_ii) + log2(sum)``, so no O(N s) sums cancel and a lone positive gives exactly 0 (fp32;
+    fp16/bf16 share one exponential per logit between the row and column terms, see
+    ``FACTORED_EXP_SPREAD``, and the backward does the same for its two softmaxes).
     ``_softmax_ce_bwd_kernel`` recomputes the tiles from the saved log-sum-exps and accumulates
     ``G' k`` for a block of rows and a slice of D (no atomics). It runs once with ``(q, k) = (a, b)``
     for ``da`` (and ``ds``) and once with ``(q, k) = (b, a)`` for ``db``: ``P_col`` of ``X`` is the
@@ -80,6 +82,77 @@ BACKWARD_CONFIGS = [
 ]
 
 
+# ------------------------------------------------------------------------ one exponential per logit
+#: fp16/bf16 (``FACTOR_EXP``): the symmetric loss's two softmax terms of a logit share one
+#: exponential. With one reference ``R`` per tile, ``2^(t_ij - r_i) = 2^(t_ij - R) 2^(R - r_i)`` and
+#: ``2^(t_ij - c_j) = 2^(t_ij - R) 2^(R - c_j)``: ``BLOCK_M x BLOCK_N`` exponentials plus one per row
+#: and column, instead of two per logit. The MUFU does ~16 exponentials per clock per SM against the
+#: tensor cores' ~4096 flops, so at D = 512 two per logit cost about half as much as the product
+#: itself (benchmarks/NOTES.md, "Reading the profile").
+#: ``R`` bounds every logit of the tile (``2^(t - R) <= 1``), and the factored form is used while every
+#: ``R - r_i`` and ``R - c_j`` is at most ``FACTOR_SPREAD``: a ``2^(t_ij - R)`` that flushes to 0 (below
+#: 2^-126) then stands for a term below ``2^(FACTOR_SPREAD - 126)`` = 2^-62, and no factor overflows.
+#: A tile whose statistics spread wider takes two exponentials per logit. fp32/fp64 always take two,
+#: so that a lone positive's loss and gradient stay exactly 0 there (the factors round; fp16/bf16
+#: parity never relied on that).
+FACTORED_EXP_SPREAD = 64.0
+
+
+def factored_exp_args(dtype: torch.dtype) -> Dict[str, object]:
+    """The ``FACTOR_EXP`` / ``FACTOR_SPREAD`` constexprs for an input dtype."""
+    return {"FACTOR_EXP": dtype in (torch.float16, torch.bfloat16), "FACTOR_SPREAD": FACTORED_EXP_SPREAD}
+
+
+@triton.jit
+def _floor(ref, mask):
+    """The smallest of ``ref`` where ``mask`` (a reference's farthest distance below ``R`` is ``R - floor``)."""
+    return tl.min(tl.where(mask, ref, float("inf")), 0)
+
+
+@triton.jit
+def _exp2_gap(top, ref, mask):
+    """``2^(top - ref)`` where ``mask``, 0 elsewhere."""
+    return tl.exp2(tl.where(mask, top - ref, float("-inf")))
+
+
+@triton.jit
+def _row_and_col_exp2_sums(t, row_ref, col_ref, col_mask, FACTOR_EXP: tl.constexpr, FACTOR_SPREAD: tl.constexpr):
+    """``(sum_j 2^(t_ij - row_ref_i), sum_i 2^(t_ij - col_ref_j))`` of one forward tile; the references
+    are maxima (the running row maxima, the tile's column maxima), so no term exceeds 1. With
+    FACTOR_EXP, columns outside the mask give 0."""
+    if FACTOR_EXP:
+        top = tl.max(col_ref, 0)  # the tile's largest logit
+        # rows past the batch have the reference NEG_BIG: a ragged row block takes two exponentials
+        if top - tl.minimum(tl.min(row_ref, 0), _floor(col_ref, col_mask)) <= FACTOR_SPREAD:
+            e = tl.exp2(t - top)
+            row_sum = tl.sum(e, 1) * tl.exp2(top - row_ref)
+            col_sum = tl.sum(e, 0) * _exp2_gap(top, col_ref, col_mask)
+        else:
+            row_sum = tl.sum(tl.exp2(t - row_ref[:, None]), 1)
+            col_sum = tl.sum(tl.exp2(t - col_ref[None, :]), 0)
+    else:
+        row_sum = tl.sum(tl.exp2(t - row_ref[:, None]), 1)
+        col_sum = tl.sum(tl.exp2(t - col_ref[None, :]), 0)
+    return row_sum, col_sum
+
+
+@triton.jit
+def _own_plus_other_exp2(t, own, other, own_top, own_factor, own_floor, col_mask,
+                         FACTOR_EXP: tl.constexpr, FACTOR_SPREAD: tl.constexpr):
+    """``2^(t_ij - own_i) + 2^(t_ij - other_j)`` of one backward tile (the symmetric loss's two
+    softmaxes; the log-sum-exps are >= every logit). ``own_top`` and ``own_floor`` (the largest and
+    smallest ``own_i`` of the valid rows) and ``own_factor = _exp2_gap(own_top, own, row_mask)`` are the
+    program's, computed once."""
+    if FACTOR_EXP:
+        if own_top - tl.minimum(own_floor, _floor(other, col_mask)) <= FACTOR_SPREAD:
+            g = tl.exp2(t - own_top) * (own_factor[:, None] + _exp2_gap(own_top, other, col_mask)[None, :])
+        else:
+            g = tl.exp2(t - own[:, None]) + tl.exp2(t - other[None, :])
+    else:
+        g = tl.exp2(t - own[:, None]) + tl.exp2(t - other[None, :])
+    return g
+
+
 # ------------------------------------------------------------------------------------ forward kernel
 @triton.jit
 def _softmax_ce_fwd_kernel(
@@ -92,6 +165,7 @@ def _softmax_ce_fwd_kernel(
     stride_qn, stride_qd, stride_qmn, stride_qmd, stride_kn, stride_kd,
     rows_per_group, cols_per_split,
     D_PADDED: tl.constexpr, HAS_SOFT: tl.constexpr, HAS_COL: tl.constexpr,
+    FACTOR_EXP: tl.constexpr, FACTOR_SPREAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -132,9 +206,17 @@ def _softmax_ce_fwd_kernel(
                 shift = (m0 + pos_off - n0).to(tl.int32)
                 hit = tl.arange(0, BLOCK_M)[:, None] + shift == tl.arange(0, BLOCK_N)[None, :]
                 diag += tl.sum(tl.where(hit, t, 0.0), 1)
-            # online log-sum-exp along the row
+            # online log-sum-exp along the row (and, HAS_COL, down the column: merged below)
             m_new = tl.maximum(m_i, tl.max(t, 1))
-            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(t - m_new[:, None]), 1)
+            if HAS_COL:
+                # the column sums are taken relative to the tile's own column maxima (the group's
+                # running ones are loaded afterwards, keeping BLOCK_N-vectors out of this register peak)
+                tile_col_max = tl.max(t, 0)
+                row_sum, col_sum = _row_and_col_exp2_sums(t, m_new, tile_col_max, col_mask, FACTOR_EXP,
+                                                          FACTOR_SPREAD)
+            else:
+                row_sum = tl.sum(tl.exp2(t - m_new[:, None]), 1)
+            l_i = l_i * tl.exp2(m_i - m_new) + row_sum
             m_i = m_new
             if HAS_SOFT:
                 # momentum softmax Pm and the running sum of Pm_ij t_ij (rescaled with its max)
@@ -146,14 +228,14 @@ def _softmax_ce_fwd_kernel(
                 w_i = w_i * rescale + tl.sum(pm * tl.where(valid, t, 0.0), 1)
                 mm_i = mm_new
             if HAS_COL:
-                # online log-sum-exp down the column, merged into this group's partial; the first
-                # row block of the group starts it fresh (so re-running the kernel is idempotent)
+                # online log-sum-exp down the column, merged into this group's partial (starting
+                # fresh at the group's first row block makes re-running the kernel idempotent)
                 col_off = pid_group.to(tl.int64) * M + cols
                 carry = col_mask & (m0 > row_lo)
                 c_max = tl.load(col_max_ptr + col_off, mask=carry, other=float("-inf"))
                 c_sum = tl.load(col_sum_ptr + col_off, mask=carry, other=0.0)
-                c_new = tl.maximum(c_max, tl.max(t, 0))
-                c_sum = c_sum * tl.exp2(c_max - c_new) + tl.sum(tl.exp2(t - c_new[None, :]), 0)
+                c_new = tl.maximum(c_max, tile_col_max)
+                c_sum = c_sum * tl.exp2(c_max - c_new) + col_sum * tl.exp2(tile_col_max - c_new)
                 tl.store(col_max_ptr + col_off, c_new, mask=col_mask)
                 tl.store(col_sum_ptr + col_off, c_sum, mask=col_mask)
                 # the next row block reloads these columns, possibly from other threads
@@ -186,7 +268,7 @@ def _softmax_ce_bwd_kernel(
     stride_dqs, stride_dqn, stride_dqd,
     cols_per_split,
     D_PADDED: tl.constexpr, HAS_OWN: tl.constexpr, HAS_OTHER: tl.constexpr, HAS_SOFT: tl.constexpr,
-    COMPUTE_DS: tl.constexpr,
+    COMPUTE_DS: tl.constexpr, FACTOR_EXP: tl.constexpr, FACTOR_SPREAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -213,6 +295,10 @@ def _softmax_ce_bwd_kernel(
         diag_coef -= alpha
     if HAS_OWN:
         own = tl.load(own_lse_ptr + rows, mask=row_mask, other=0.0)
+        if HAS_OTHER:
+            own_top = tl.max(tl.where(row_mask, own, float("-inf")), 0)
+            own_floor = _floor(own, row_mask)
+            own_factor = _exp2_gap(own_top, own, row_mask)
     if HAS_SOFT:
         soft = tl.load(soft_lse_ptr + rows, mask=row_mask, other=0.0)
 
@@ -226,11 +312,15 @@ def _softmax_ce_bwd_kernel(
                                   HAS_SOFT, BLOCK_M, BLOCK_N, BLOCK_K, ACC_DTYPE, DOT_PRECISION)
         t = tl.where(col_mask[None, :], s * scale_log2, NEG_BIG)
         g = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
-        if HAS_OWN:
-            g += tl.exp2(t - own[:, None])
         if HAS_OTHER:
             other = tl.load(other_lse_ptr + cols, mask=col_mask, other=0.0)
-            g += tl.exp2(t - other[None, :])
+            if HAS_OWN:
+                g += _own_plus_other_exp2(t, own, other, own_top, own_factor, own_floor, col_mask, FACTOR_EXP,
+                                          FACTOR_SPREAD)
+            else:
+                g += tl.exp2(t - other[None, :])
+        elif HAS_OWN:
+            g += tl.exp2(t - own[:, None])
         if HAS_SOFT:
             tm = tl.where(col_mask[None, :], sm * scale_log2, NEG_BIG)
             g -= alpha * tl.exp2(tm - soft[:, None])
@@ -375,7 +465,8 @@ def softmax_ce_forward(q: Tensor, k: Tensor, scale: Tensor, *, q_m: Optional[Ten
         stride_qn=q.stride(0), stride_qd=q.stride(1), stride_qmn=q_m_arg.stride(0),
         stride_qmd=q_m_arg.stride(1), stride_kn=k.stride(0), stride_kd=k.stride(1),
         rows_per_group=plan["rows_per_group"], cols_per_split=plan["cols_per_split"],
-        D_PADDED=padded_width(d), HAS_SOFT=has_soft, HAS_COL=with_col_stats, **kernel_dtypes(q.dtype),
+        D_PADDED=padded_width(d), HAS_SOFT=has_soft, HAS_COL=with_col_stats, **factored_exp_args(q.dtype),
+        **kernel_dtypes(q.dtype),
     )
     launch(_softmax_ce_fwd_kernel, _softmax_ce_fwd_tuned, (groups, splits), args, config)
     top, log2_sum = merge_partial_lse2(row_max, row_sum)
@@ -429,7 +520,7 @@ def softmax_ce_backward(q: Tensor, k: Tensor, scale: Tensor, coef: Tensor, *,
         stride_dqs=dq_strides[0], stride_dqn=dq_strides[1], stride_dqd=dq_strides[2],
         cols_per_split=plan["cols_per_split"],
         D_PADDED=padded_width(d), HAS_OWN=own_lse2 is not None, HAS_OTHER=other_lse2 is not None,
-        HAS_SOFT=has_soft, COMPUTE_DS=compute_ds, **kernel_dtypes(q.dtype),
+        HAS_SOFT=has_soft, COMPUTE_DS=compute_ds, **factored_exp_args(q.dtype), **kernel_dtypes(q.dtype),
     )
     launch(_softmax_ce_bwd_kernel, _softmax_ce_bwd_tuned,
            lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_DO"]), splits), args, config)
