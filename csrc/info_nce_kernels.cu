@@ -181,6 +181,13 @@ __global__ void info_nce_col_finalize_kernel(const InfoNceColFinalizeParams p) {
 }
 
 // ----------------------------------------------------------------------------------- backward
+// fp16/bf16 with both softmaxes (the symmetric loss): one exponential per logit, as in the Triton
+// backward (softmax_ce.FACTORED_EXP_SPREAD): exp(x - lse_r) + exp(x - lse_c) = exp(x - R) *
+// (exp(R - lse_r) + exp(R - lse_c)) with R the block's largest row LSE (>= every logit), while every
+// R - lse is at most kFactorSpread (natural units: 64 * ln 2, so a term that flushes stands for less
+// than 2^-62); a wider tile takes two exponentials per logit.
+constexpr float kFactorSpread = 44.3614195558365f;
+
 template <typename T, bool USE_ROW, bool USE_COL>
 __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_bwd_kernel(const InfoNceBwdParams p) {
   using K = RowBwdLayout<T, 1>;
@@ -211,14 +218,38 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_bwd_kernel
   if (USE_ROW && row_ok) lse_r = lse_a[r0 + row];
   acc_t ds_acc = acc_t(0);
 
+  constexpr bool kFactor = kFast && USE_ROW && USE_COL;
+  static_assert(K::BN <= K::BM, "the column factors use the per-row buffer");
+  acc_t* col_factor = reinterpret_cast<acc_t*>(smem + K::kOffRows);  // exp(R - lse_c) of the tile
+  acc_t top = acc_t(0), row_factor = acc_t(0);
+  bool rows_narrow = false;
+  if constexpr (kFactor) {
+    const acc_t kNegInf = -INFINITY;
+    top = block_max(row_ok ? lse_r : kNegInf, scratch);
+    rows_narrow = top + block_max(row_ok ? -lse_r : kNegInf, scratch) <= kFactorSpread;
+    if (row_ok) row_factor = exp_acc<true>(top - lse_r);
+  }
+
   const T* a_ops[1] = {A + static_cast<int64_t>(r0) * D};
   acc_t* s_ops[1] = {S};
   for (int c0 = 0; c0 < M; c0 += K::BN) {
     const int b_rows = min(K::BN, M - c0);
     const T* b_blk = B + static_cast<int64_t>(c0) * D;
     gemm2.prefetch(b_blk, b_rows, d0, D, p.vec);  // B[c0:c0+BN, d0:d0+DC], overlapped with the S tile
+    bool col_wide = false;
+    if (kFactor && threadIdx.x < K::BN) {  // the previous tile's last read of col_factor was before a barrier
+      const int c = threadIdx.x;
+      const acc_t gap = c < b_rows ? top - lse_b[c0 + c] : acc_t(0);
+      col_wide = gap > kFactorSpread;
+      col_factor[c] = c < b_rows && !col_wide ? exp_acc<true>(gap) : acc_t(0);
+    }
     K::Gemm1::run(a_ops, a_rows, b_blk, b_rows, D, p.vec, gemm1_smem, s_ops, K::LDS);
-    __syncthreads();
+    bool factored = false;  // block-uniform
+    if constexpr (kFactor) {
+      factored = !__syncthreads_or(col_wide) && rows_narrow;
+    } else {
+      __syncthreads();
+    }
 #pragma unroll
     for (int k = 0; k < K::BN / K::kTPR; ++k) {
       const int c = part + K::kTPR * k;
@@ -226,8 +257,12 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_bwd_kernel
       acc_t h = acc_t(0);  // invalid rows / columns: weight 0 (their B rows are zeros as well)
       if (row_ok && c < b_rows) {
         const acc_t x = mul_rn(s, sv);  // the forward's rounded logit: a lone positive's h is exactly 0
-        if (USE_ROW) h += exp_acc<kFast>(x - lse_r);
-        if (USE_COL) h += exp_acc<kFast>(x - lse_b[c0 + c]);
+        if (factored) {
+          h = exp_acc<true>(x - top) * (row_factor + col_factor[c]);
+        } else {
+          if (USE_ROW) h += exp_acc<kFast>(x - lse_r);
+          if (USE_COL) h += exp_acc<kFast>(x - lse_b[c0 + c]);
+        }
         if (pos_col - c0 == c) h -= acc_t(int(USE_ROW) + int(USE_COL));
       }
       ds_acc += h * sv;

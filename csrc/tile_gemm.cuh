@@ -195,6 +195,20 @@ __device__ __forceinline__ V group_sum(V v) {
   return v;
 }
 
+// Maximum over the block, returned to every thread. Every thread must call it (it synchronises
+// twice); `scratch` holds kWarps values in shared memory.
+template <typename V>
+__device__ __forceinline__ V block_max(V v, V* scratch) {
+  v = group_max<32>(v);
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+  __syncthreads();
+  V m = scratch[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) m = max_acc(m, scratch[w]);
+  __syncthreads();  // scratch is free again
+  return m;
+}
+
 // Sum over the block, valid in thread 0. Every thread must call it (it synchronises);
 // `scratch` holds kWarps values in shared memory.
 template <typename V>

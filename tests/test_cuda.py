@@ -221,6 +221,33 @@ def test_emulated_info_nce_multi_block(emu, dtype, n, d):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_emulated_symmetric_backward_wide_spread(emu, dtype):
+    """The fp16/bf16 symmetric backward shares one exponential between its two softmaxes while the
+    block's log-sum-exps lie within kFactorSpread of each other. Rows whose norms span 0.05..4 at
+    s = 30 put some row blocks and column tiles far apart (two exponentials) and others close."""
+    n, d = 131, 16
+    norms = torch.logspace(-1.3, 0.6, n, dtype=torch.float64)[:, None]
+    a = (_unit(n, d, torch.float64, "cpu", requires_grad=False) * norms).to(dtype).requires_grad_()
+    b = (_unit(n, d, torch.float64, "cpu", requires_grad=False) * norms.flip(0)).to(dtype).requires_grad_()
+    _compare(lambda a, b, s: emu.info_nce(a, b, s, True), lambda a, b, s: R.info_nce(a, b, s, True),
+             [a, b, _scale(30.0, dtype, "cpu")], dtype, f"wide-spread {DTYPE_IDS[dtype]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+def test_emulated_symmetric_lone_positive_is_exactly_zero(emu, dtype):
+    """fp16: the factored exponentials of the backward are all exp(0) = 1 here, so the gradient stays 0."""
+    a = torch.eye(4, 16, dtype=dtype).requires_grad_()
+    b = torch.eye(4, 16, dtype=dtype).requires_grad_()
+    s = _scale(1000.0, dtype, "cpu")
+    loss = emu.info_nce(a, b, s, True)
+    da, db, ds = torch.autograd.grad(loss, [a, b, s])
+    assert loss.item() == 0.0 and ds.item() == 0.0
+    assert torch.count_nonzero(da) == 0 and torch.count_nonzero(db) == 0
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
 def test_emulated_info_nce_constant_right_operand(emu, dtype):
     # b without grad (ALBEF's momentum views): the grad_b launch is skipped, grad_a and grad_s stay right
