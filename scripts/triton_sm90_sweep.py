@@ -154,7 +154,8 @@ def main(argv=None) -> int:
         flags = ",".join(f"{k}={int(v)}" for k, v in constexprs.items()
                          if k not in ("ACC_DTYPE", "DOT_PRECISION", "D_PADDED", "FACTOR_SPREAD")) or "-"
         label = (f"{kernel} {dtype} D={width} {flags} "
-                 f"{'x'.join(str(v) for v in cfg.kwargs.values())}/w{cfg.num_warps}/s{cfg.num_stages}")
+                 f"{'x'.join(str(v) for k, v in cfg.kwargs.items() if k.startswith('BLOCK_'))}"
+                 f"/w{cfg.num_warps}/s{cfg.num_stages}{'/flat' if cfg.kwargs.get('FLATTEN') else ''}")
         try:
             kernel_obj = build(fn, signature, constexprs, cfg)
         except Exception as exc:  # report and go on: the point is the whole table

@@ -60,8 +60,9 @@ SPLIT_PARTIAL_ELEMENTS = 2**24
 
 #: Interpreter: tiny blocks (tl.dot needs >= 16), small D slices and few programs, so tiny test shapes
 #: still exercise several row groups, column splits and D slices.
-#: (Kernels without a D slice ignore BLOCK_DO: the interpreter drops unknown keywords.)
-INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_DO": 32},
+#: (Kernels without a D slice or a FLATTEN switch ignore BLOCK_DO / FLATTEN: the interpreter drops
+#: unknown keywords; it runs loops as written either way.)
+INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_DO": 32, "FLATTEN": False},
                                    num_warps=4, num_stages=1)
 INTERPRETER_GRANULE = 16
 INTERPRETER_TARGET_PROGRAMS = 4

@@ -32,16 +32,25 @@ from ._common import (LOG2E, _row_slice_program, _similarity_tiles, acc_dtype, c
                       kernel_dtypes, launch, padded_width, plan_backward, prune_configs)
 
 # ------------------------------------------------------------------------------------ GPU configs
+# FLATTEN: one software-pipelined loop over (column tile, K slice), as in softmax_ce's backward; the
+# autotuner picks between both forms of the first (D = 512 workhorse) config.
 FORWARD_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "FLATTEN": False}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "FLATTEN": False}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "FLATTEN": False}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "FLATTEN": True}, num_warps=8, num_stages=3),
 ]
 BACKWARD_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 256}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_DO": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 256, "FLATTEN": False},
+                  num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 128, "FLATTEN": False},
+                  num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 128, "FLATTEN": False},
+                  num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_DO": 128, "FLATTEN": False},
+                  num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 256, "FLATTEN": True},
+                  num_warps=8, num_stages=3),
 ]
 #: Row-norm kernel: memory bound, one fixed shape (GPU, interpreter).
 NORM_BLOCKS_GPU = (64, 128)
@@ -68,7 +77,7 @@ def _row_sq_norm_kernel(X_ptr, sq_ptr, N, D, stride_xn, stride_xd,
 def _exp_gram_fwd_kernel(
     X_ptr, sq_ptr, row_part_ptr, N, D, stride_xn, stride_xd, neg_t_log2e_ptr,
     D_PADDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FLATTEN: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Row block ``i``: ``row_part[rows] = sum_{tiles j >= i} w_ij sum_cols E``, ``w = 1`` on the diagonal
     tile, 2 above it."""
@@ -79,7 +88,7 @@ def _exp_gram_fwd_kernel(
     neg_t_log2e = tl.load(neg_t_log2e_ptr).to(ACC_DTYPE)
     sq_rows = tl.load(sq_ptr + rows, mask=row_mask, other=0.0)
     total = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
-    for n0 in range(row_lo, N, BLOCK_N):
+    for n0 in tl.range(row_lo, N, BLOCK_N, flatten=FLATTEN):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_mask = cols < N
         sq_cols = tl.load(sq_ptr + cols, mask=col_mask, other=0.0)
@@ -99,7 +108,7 @@ def _exp_gram_bwd_kernel(
     N, D, stride_xn, stride_xd, stride_dxs, stride_dxn, stride_dxd, cols_per_split, neg_t_log2e_ptr,
     D_PADDED: tl.constexpr, SPLIT_PRODUCT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FLATTEN: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """``DX[split, rows, D slice] = coef * (r x - E x)`` over the columns of this split."""
     pid_split = tl.program_id(2)
@@ -110,7 +119,7 @@ def _exp_gram_bwd_kernel(
 
     acc = tl.zeros([BLOCK_M, BLOCK_DO], dtype=ACC_DTYPE)
     row_sum = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
-    for n0 in range(col_lo, col_hi, BLOCK_N):
+    for n0 in tl.range(col_lo, col_hi, BLOCK_N, flatten=FLATTEN):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_mask = cols < col_hi
         sq_cols = tl.load(sq_ptr + cols, mask=col_mask, other=0.0)

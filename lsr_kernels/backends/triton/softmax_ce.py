@@ -72,13 +72,25 @@ FORWARD_CONFIGS = [
 # the no-spill workhorse, 64 x 512 trades a small spill for no tile recompute at D = 512, and the
 # 128-row / 64 x 128 ones serve narrow D and fp32 (FMA) products. _common.prune_configs drops what
 # would spill badly for the dtype.
+# FLATTEN: Triton fuses the column-tile loop with the K loop inside it into one software-pipelined
+# loop (tl.range(flatten=True)), so the next tile's first K slices load while this tile's softmax and
+# G' k product run; otherwise the pipeline drains and refills at every tile, an L2 round trip exposed
+# per ~1500 clocks of tensor work (64 x 64 tiles at D = 512). It buffers about twice the shared
+# memory (sm_90 build table); the autotuner picks between both forms of the two D = 512 workhorses.
+def _backward_config(block_m, block_n, block_k, block_do, num_warps, num_stages, flatten=False):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_DO": block_do,
+                          "FLATTEN": flatten}, num_warps=num_warps, num_stages=num_stages)
+
+
 BACKWARD_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 256}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_DO": 256}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 512}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_DO": 128}, num_warps=4, num_stages=3),
+    _backward_config(64, 64, 64, 256, 8, 3),
+    _backward_config(64, 128, 64, 256, 8, 2),
+    _backward_config(64, 64, 64, 512, 8, 3),
+    _backward_config(128, 64, 64, 128, 8, 3),
+    _backward_config(64, 64, 64, 128, 8, 3),
+    _backward_config(64, 64, 32, 128, 4, 3),
+    _backward_config(64, 64, 64, 256, 8, 3, flatten=True),
+    _backward_config(64, 64, 64, 512, 8, 3, flatten=True),
 ]
 
 
@@ -270,7 +282,7 @@ def _softmax_ce_bwd_kernel(
     D_PADDED: tl.constexpr, HAS_OWN: tl.constexpr, HAS_OTHER: tl.constexpr, HAS_SOFT: tl.constexpr,
     COMPUTE_DS: tl.constexpr, FACTOR_EXP: tl.constexpr, FACTOR_SPREAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FLATTEN: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """``G'_ij = [2^(t_ij - own_i)] + [2^(t_ij - other_j)] - [alpha 2^(tm_ij - soft_i)] - c d_ij`` with
     ``c = [1] + [1] - [alpha]``: each softmax term comes with its one-hot target, and the soft targets
@@ -304,7 +316,7 @@ def _softmax_ce_bwd_kernel(
 
     acc = tl.zeros([BLOCK_M, BLOCK_DO], dtype=ACC_DTYPE)
     ds_row = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
-    for n0 in range(col_lo, col_hi, BLOCK_N):
+    for n0 in tl.range(col_lo, col_hi, BLOCK_N, flatten=FLATTEN):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_mask = cols < col_hi
         s, sm = _similarity_tiles(Q_ptr, QM_ptr, K_ptr, rows, cols, row_mask, col_mask, D,
@@ -364,7 +376,7 @@ def _info_nce_fwd_grad_kernel(
     cols_per_split,
     D_PADDED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FLATTEN: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One-way ``CE(s q k^T)`` and ``P k`` in one pass: FlashAttention's forward with ``V = k``.
 
@@ -385,7 +397,7 @@ def _info_nce_fwd_grad_kernel(
     diag2 = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     diag_raw = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, BLOCK_DO], dtype=ACC_DTYPE)
-    for n0 in range(col_lo, col_hi, BLOCK_N):
+    for n0 in tl.range(col_lo, col_hi, BLOCK_N, flatten=FLATTEN):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_mask = cols < col_hi
         s, _ = _similarity_tiles(Q_ptr, Q_ptr, K_ptr, rows, cols, row_mask, col_mask, D,
