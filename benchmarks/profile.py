@@ -192,7 +192,19 @@ def run(ops: Sequence[str], providers: Sequence[str], n: int, d: int, k: int, dt
             # an ITC product is N x (N + K) x D: scale the unit so "products" reads against the floor
             unit = product_ms * (n + case.k) / n if product_ms else None
             _emit([head] + format_table(rows, STEPS, step_ms, unit), out)
+    if device.type == "cuda" and "triton" in providers:
+        _emit(["-- triton autotuner choices (this run):"] + [f"   {line}" for line in triton_autotune_choices()],
+              out)
     return lines
+
+
+def triton_autotune_choices() -> List[str]:
+    """The Triton backend's autotuner picks so far, or why there are none."""
+    try:
+        from lsr_kernels.backends import triton as T
+    except ImportError as exc:  # no Triton here: the triton provider was unavailable anyway
+        return [f"(triton unavailable: {exc})"]
+    return T.autotune_choices() or ["(none: nothing was autotuned, e.g. LSR_TRITON_AUTOTUNE=0)"]
 
 
 def _emit(lines: List[str], out: Optional[Path]) -> None:

@@ -513,6 +513,26 @@ def test_profile_names_cuda_kernels_briefly():
         assert short_name(kept) == kept
 
 
+def test_profile_lists_the_triton_autotuner_choices(monkeypatch):
+    """What the autotuner picked, per kernel and key (which configs win on the device)."""
+    pytest.importorskip("triton")
+    from benchmarks import profile
+    from lsr_kernels.backends import triton as T
+    from lsr_kernels.backends.triton import softmax_ce
+
+    tuned = softmax_ce._softmax_ce_bwd_tuned
+    key = (32768, 32768, 512, True, True, False, True, "torch.bfloat16", "torch.float32")
+    monkeypatch.setattr(tuned, "cache", {key: softmax_ce.BACKWARD_CONFIGS[-1]})
+    lines = T.autotune_choices()
+    assert len(lines) == 1
+    assert lines[0].startswith("_softmax_ce_bwd_kernel N=32768 M=32768 D_PADDED=512 HAS_OWN=True HAS_OTHER=True "
+                               "HAS_SOFT=False COMPUTE_DS=True bfloat16,float32 -> ")
+    assert "FLATTEN: True" in lines[0] and "BLOCK_DO: 512" in lines[0]
+    assert profile.triton_autotune_choices() == lines
+    monkeypatch.setattr(tuned, "cache", {})
+    assert profile.triton_autotune_choices()[0].startswith("(none")
+
+
 def test_profile_runs_on_cpu(tmp_path):
     out = tmp_path / "profile.txt"
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "profile", "--device", "cpu", "--tiny", "--ops", "clip",

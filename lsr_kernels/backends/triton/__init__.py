@@ -10,7 +10,26 @@ registered autograd formula, so ``torch.compile(fullgraph=True)`` traces through
 required, except under the Triton interpreter (``TRITON_INTERPRET=1`` before triton is imported),
 where CPU tensors run (slowly) for testing.
 """
+from typing import List
+
+from . import exp_gram, softmax_ce
 from .exp_gram import exp_gram_sum
 from .softmax_ce import info_nce, itc_soft_ce
 
-__all__ = ["info_nce", "exp_gram_sum", "itc_soft_ce"]
+__all__ = ["info_nce", "exp_gram_sum", "itc_soft_ce", "autotune_choices"]
+
+_TUNED = (softmax_ce._softmax_ce_fwd_tuned, softmax_ce._softmax_ce_bwd_tuned, softmax_ce._info_nce_fwd_grad_tuned,
+          exp_gram._exp_gram_fwd_tuned, exp_gram._exp_gram_bwd_tuned)
+
+
+def autotune_choices() -> List[str]:
+    """What the autotuner picked in this process, one line per (kernel, key):
+    ``kernel N=.. M=.. .. dtypes -> config``. For reports (``python -m benchmarks profile``): which
+    configs win on a device, e.g. whether the flattened loops beat the nested ones."""
+    lines = []
+    for tuned in _TUNED:
+        for key, config in tuned.cache.items():
+            named = " ".join(f"{name}={value}" for name, value in zip(tuned.keys, key))
+            dtypes = ",".join(sorted({str(v).replace("torch.", "") for v in key[len(tuned.keys):]}))
+            lines.append(f"{tuned.base_fn.__name__} {named} {dtypes} -> {config}")
+    return lines
