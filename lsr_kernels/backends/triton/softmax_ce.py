@@ -61,12 +61,16 @@ from ._common import (LN2, LOG2E_C, NEG_BIG, _row_slice_program, _similarity_til
 # ------------------------------------------------------------------------------------ GPU configs
 # sm_90 (H100/H200): 64-128 wide tiles, K slices of 32-128 staged through shared memory by the
 # software pipeline (2-3 stages), 4-8 warps; fp16/bf16 products on tensor cores. The 64 x 64 config
-# is the small-footprint fallback (fp32 products on FMA units, small batches).
+# is the small-footprint fallback (fp32 products on FMA units, small batches). A 128 x 128 program
+# of 8 warps holds a whole SM (255 registers), so its tensor cores idle while it takes a tile's
+# exponentials; 128 x 64 on one warp group (4 warps: 251 registers, 72 KiB of shared memory, no
+# spill) lets two programs share an SM and overlap one's exponentials with the other's product.
 FORWARD_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
 ]
 # The backward holds an fp32 [BLOCK_M, BLOCK_DO] slice of dq in registers (see _common): 64 x 256 is
 # the no-spill workhorse, 64 x 512 trades a small spill for no tile recompute at D = 512, and the
