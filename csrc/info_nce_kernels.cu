@@ -184,8 +184,9 @@ __global__ void info_nce_col_finalize_kernel(const InfoNceColFinalizeParams p) {
 // fp16/bf16 with both softmaxes (the symmetric loss): one exponential per logit, as in the Triton
 // backward (softmax_ce.FACTORED_EXP_SPREAD): exp(x - lse_r) + exp(x - lse_c) = exp(x - R) *
 // (exp(R - lse_r) + exp(R - lse_c)) with R the block's largest row LSE (>= every logit), while every
-// R - lse is at most kFactorSpread (natural units: 64 * ln 2, so a term that flushes stands for less
-// than 2^-62); a wider tile takes two exponentials per logit.
+// R - lse is at most kFactorSpread (natural units: 64 * ln 2, so a term that __expf flushes to 0,
+// below 2^-126, stands for less than 2^-62); a wider tile takes two exponentials per logit (and
+// leaves unused the row factors, which may then have overflowed).
 constexpr float kFactorSpread = 44.3614195558365f;
 
 template <typename T, bool USE_ROW, bool USE_COL>
@@ -256,7 +257,9 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_bwd_kernel
       const acc_t sv = S[row * K::LDS + c];
       acc_t h = acc_t(0);  // invalid rows / columns: weight 0 (their B rows are zeros as well)
       if (row_ok && c < b_rows) {
-        const acc_t x = mul_rn(s, sv);  // the forward's rounded logit: a lone positive's h is exactly 0
+        // the forward's rounded logit: a lone positive's h is exactly 0 (factored: when the block's
+        // log-sum-exps are all equal, e.g. N = 1; otherwise the factors round)
+        const acc_t x = mul_rn(s, sv);
         if (factored) {
           h = exp_acc<true>(x - top) * (row_factor + col_factor[c]);
         } else {

@@ -220,18 +220,27 @@ def test_emulated_info_nce_multi_block(emu, dtype, n, d):
     run_info_nce_parity(emu, n, d, dtype, True, "cpu")
 
 
+def _spread_rows(n, d, dtype, wide_side):
+    """One side's rows nearly parallel with norm 3 (narrow log-sum-exps at s = 30), the other's of norm
+    3 and 0.01 in turn (log-sum-exps ~270 apart); ``wide_side`` is "rows" (a) or "columns" (b)."""
+    gen = torch.Generator().manual_seed(11)
+    u = F.normalize(torch.randn(d, dtype=torch.float64, generator=gen), dim=0)
+    near = lambda: F.normalize(u + 0.1 * torch.randn(n, d, dtype=torch.float64, generator=gen), dim=-1)  # noqa: E731
+    narrow, wide = 3 * near(), near() * torch.tensor([3.0, 0.01], dtype=torch.float64).repeat(n)[:n, None]
+    a, b = (wide, narrow) if wide_side == "rows" else (narrow, wide)
+    return a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("wide_side", ["rows", "columns"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
-def test_emulated_symmetric_backward_wide_spread(emu, dtype):
+def test_emulated_symmetric_backward_wide_spread(emu, dtype, wide_side):
     """The fp16/bf16 symmetric backward shares one exponential between its two softmaxes while the
-    block's log-sum-exps lie within kFactorSpread of each other. Rows whose norms span 0.05..4 at
-    s = 30 put some row blocks and column tiles far apart (two exponentials) and others close."""
-    n, d = 131, 16
-    norms = torch.logspace(-1.3, 0.6, n, dtype=torch.float64)[:, None]
-    a = (_unit(n, d, torch.float64, "cpu", requires_grad=False) * norms).to(dtype).requires_grad_()
-    b = (_unit(n, d, torch.float64, "cpu", requires_grad=False) * norms.flip(0)).to(dtype).requires_grad_()
+    block's log-sum-exps lie within kFactorSpread of its top; rows (a block) or columns (a tile) that
+    spread wider take two. 131 rows: three backward blocks, the last one ragged."""
+    a, b = _spread_rows(131, 16, dtype, wide_side)
     _compare(lambda a, b, s: emu.info_nce(a, b, s, True), lambda a, b, s: R.info_nce(a, b, s, True),
-             [a, b, _scale(30.0, dtype, "cpu")], dtype, f"wide-spread {DTYPE_IDS[dtype]}")
+             [a, b, _scale(30.0, dtype, "cpu")], dtype, f"wide {wide_side} {DTYPE_IDS[dtype]}")
 
 
 @pytest.mark.slow

@@ -248,18 +248,38 @@ def test_fp16_no_worse_than_pytorch(cpu):
     _low_precision_check(lambda x: T.exp_gram_sum(x, 2.0), lambda x: R.exp_gram_sum(x, 2.0), [a], [0], torch.float16)
 
 
-def _wide_spread_rows(n, d, low, high):
-    """Unit rows scaled by norms from 10^low to 10^high: at s = 30 a tile's row maxima and column maxima
-    (base 2) then lie hundreds apart, far past ``FACTORED_EXP_SPREAD``."""
-    return unit_rows(n, d, requires_grad=False) * torch.logspace(low, high, n)[:, None]
+def _spread_statistics(kind, n=None, d=16, device="cpu"):
+    """fp16-representable rows (float32) whose statistics spread far past ``FACTORED_EXP_SPREAD`` at
+    s = 30 (base 2), in the rows or in the columns only: one side's rows nearly parallel with norm 3
+    (narrow statistics), the other's of norm 3 and 0.01 in turn, half of them ~390 below the tile's top;
+    ``both``: norms from 0.05 to 4 on both sides (a's rising, b's falling)."""
+    gen = torch.Generator().manual_seed(7)
+    if kind == "both":
+        n = n or 40
+        norms = torch.logspace(-1.3, 0.6, n, dtype=torch.float64)[:, None]
+        a = unit_rows(n, d, dtype=torch.float64, requires_grad=False) * norms
+        b = unit_rows(n, d, dtype=torch.float64, requires_grad=False) * norms.flip(0)
+    else:
+        n = n or 32
+        u = torch.nn.functional.normalize(torch.randn(d, dtype=torch.float64, generator=gen), dim=0)
+        near = lambda: torch.nn.functional.normalize(  # noqa: E731
+            u + 0.1 * torch.randn(n, d, dtype=torch.float64, generator=gen), dim=-1)
+        narrow = 3 * near()
+        wide = near() * torch.tensor([3.0, 0.01], dtype=torch.float64).repeat(n)[:n, None]
+        a, b = (wide, narrow) if kind == "rows" else (narrow, wide)
+    return a.half().float().to(device), b.half().float().to(device)
 
 
-def test_symmetric_fp16_shares_one_exponential_per_logit(cpu, monkeypatch):
-    """fp16/bf16 take the column softmax from the row's exponential times a rank-one factor, falling back
-    to two exponentials for a tile whose statistics spread too far. Without the fallback (an infinite
-    allowed spread) wide-spread rows give NaN, which shows the factored path runs for fp16; with it,
-    they meet the fp16 bound; fp32 never factors."""
-    a, b = _wide_spread_rows(40, 16, -1.3, 0.6), _wide_spread_rows(40, 16, 0.6, -1.3)
+SPREADS = ["rows", "columns", "both"]
+
+
+@pytest.mark.parametrize("kind", SPREADS)
+def test_symmetric_fp16_shares_one_exponential_per_logit(cpu, monkeypatch, kind):
+    """fp16/bf16 take both softmax terms of a logit from one exponential times row and column factors,
+    falling back to two exponentials for a tile whose statistics spread too far (rows or columns).
+    With the fallback these inputs meet the fp16 bound; without it (an infinite allowed spread) the
+    forward gives NaN, which shows that it factors; fp32 never factors."""
+    a, b = _spread_statistics(kind)
 
     def check(dtype):
         _low_precision_check(lambda a, b, s: T.info_nce(a, b, s, True), lambda a, b, s: R.info_nce(a, b, s, True),
@@ -267,12 +287,29 @@ def test_symmetric_fp16_shares_one_exponential_per_logit(cpu, monkeypatch):
 
     check(torch.float16)
     monkeypatch.setattr(softmax_ce, "FACTORED_EXP_SPREAD", float("inf"))
-    with pytest.raises(AssertionError):
-        check(torch.float16)
-    loss = T.info_nce(a.half(), b.half(), _scale(30.0), True)
-    assert not torch.isfinite(loss)
+    assert not torch.isfinite(T.info_nce(a.half(), b.half(), _scale(30.0), True))
     _compare(lambda a, b, s: T.info_nce(a, b, s, True), lambda a, b, s: R.info_nce(a, b, s, True),
              [a, b, _scale(30.0)], wrt=[0, 1, 2], loss_tol=1e-5, grad_tol=1e-4)
+
+
+@pytest.mark.parametrize("kind", SPREADS)
+def test_symmetric_fp16_backward_shares_one_exponential(cpu, monkeypatch, kind):
+    """The backward on its own, from exact (float64) statistics: it agrees with the two-exponential
+    form (never factored: a spread of -inf allowed) and turns NaN without the fallback (+inf), so it
+    does factor, and its fallback looks at both the rows' and the columns' statistics."""
+    a, b = (x.half() for x in _spread_statistics(kind))
+    s = torch.tensor(30.0)
+    x = 30.0 * (a.double() @ b.double().T)
+    lse2 = (torch.stack([torch.logsumexp(x, 1), torch.logsumexp(x, 0)]) / _common.LN2).float()
+
+    def backward(spread):
+        monkeypatch.setattr(softmax_ce, "FACTORED_EXP_SPREAD", spread)
+        return softmax_ce.info_nce_backward(torch.tensor(1.0), a, b, s, lse2, True, True, True, True)
+
+    factored, direct = backward(softmax_ce.FACTORED_EXP_SPREAD), backward(float("-inf"))
+    for got, want in zip(factored, direct):
+        assert rel_err(got, want) < 2e-3
+    assert not all(torch.isfinite(g).all() for g in backward(float("inf")))
 
 
 def test_symmetric_fp16_lone_pair_is_exactly_zero(cpu):
@@ -526,6 +563,18 @@ def test_gpu_large_batch_bf16(cuda_device):
     a, b = (unit_rows(n, d, device=cuda_device, requires_grad=False) for _ in range(2))
     _low_precision_check(lambda a, b, s: T.info_nce(a, b, s, True), lambda a, b, s: R.info_nce(a, b, s, True),
                          [a, b, _scale(100.0, device=cuda_device)], [0, 1, 2], torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", SPREADS)
+@_bf16_fp16()
+def test_gpu_symmetric_wide_spread(cuda_device, dtype, kind):
+    """The one-exponential forward and backward on hardware, where exp2 flushes results below 2^-126
+    to 0 (the interpreter keeps denormals): tiles whose statistics spread past FACTORED_EXP_SPREAD
+    must take the fallback."""
+    a, b = _spread_statistics(kind, n=1000, d=512, device=cuda_device)
+    _low_precision_check(lambda a, b, s: T.info_nce(a, b, s, True), lambda a, b, s: R.info_nce(a, b, s, True),
+                         [a, b, _scale(30.0, device=cuda_device)], [0, 1, 2], dtype)
 
 
 # One test per (kernel family, config): each compiles 1-4 kernels, so pytest-xdist spreads the ~40

@@ -51,7 +51,8 @@ GPU_GRANULE = 128
 MAX_ACC_ELEMENTS = 64 * 512
 MAX_ACC_ELEMENTS_FMA = 64 * 128
 MAX_FMA_TILE = 128 * 64
-#: Similarity tile of tensor-core products (fp16/bf16): 128 x 128 builds without spills on sm_90.
+#: Similarity tile of tensor-core products (fp16/bf16): 128 x 128 builds for sm_90 without spills with
+#: 64-wide K slices (128-wide ones spill 64 B in the symmetric forward: the autotuner weighs that).
 MAX_TENSOR_CORE_TILE = 128 * 128
 #: Column splits of a backward (each adds an fp32 [N, D] partial gradient): at most 8, or up to 64
 #: while all partials together stay within 2^24 fp32 values (64 MiB).

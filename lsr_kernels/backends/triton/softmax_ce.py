@@ -106,9 +106,10 @@ BACKWARD_CONFIGS = [
 #: tensor cores' ~4096 flops, so at D = 512 two per logit cost about half as much as the product
 #: itself (benchmarks/NOTES.md, "Reading the profile").
 #: ``R`` bounds every logit of the tile (``2^(t - R) <= 1``), and the factored form is used while every
-#: ``R - r_i`` and ``R - c_j`` is at most ``FACTOR_SPREAD``: a ``2^(t_ij - R)`` that flushes to 0 (below
-#: 2^-126) then stands for a term below ``2^(FACTOR_SPREAD - 126)`` = 2^-62, and no factor overflows.
-#: A tile whose statistics spread wider takes two exponentials per logit. fp32/fp64 always take two,
+#: ``R - r_i`` and ``R - c_j`` is at most ``FACTOR_SPREAD``: a ``2^(t_ij - R)`` that flushes to 0 (GPU
+#: exp2 flushes results below 2^-126; the interpreter keeps denormals, so the GPU tests are the ones
+#: that see this) then stands for a term below ``2^(FACTOR_SPREAD - 126)`` = 2^-62, and no factor that
+#: is used overflows. A tile whose statistics spread wider takes two exponentials per logit. fp32/fp64 always take two,
 #: so that a lone positive's loss and gradient stay exactly 0 there (the factors round; fp16/bf16
 #: parity never relied on that).
 FACTORED_EXP_SPREAD = 64.0
@@ -134,8 +135,8 @@ def _exp2_gap(top, ref, mask):
 @triton.jit
 def _row_and_col_exp2_sums(t, row_ref, col_ref, col_mask, FACTOR_EXP: tl.constexpr, FACTOR_SPREAD: tl.constexpr):
     """``(sum_j 2^(t_ij - row_ref_i), sum_i 2^(t_ij - col_ref_j))`` of one forward tile; the references
-    are maxima (the running row maxima, the tile's column maxima), so no term exceeds 1. With
-    FACTOR_EXP, columns outside the mask give 0."""
+    are maxima (the running row maxima, the tile's column maxima), so no term exceeds 1. The sums of
+    rows and columns outside the batch are meaningless (never stored)."""
     if FACTOR_EXP:
         top = tl.max(col_ref, 0)  # the tile's largest logit
         # rows past the batch have the reference NEG_BIG: a ragged row block takes two exponentials
