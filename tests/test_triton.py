@@ -632,11 +632,14 @@ def test_gpu_every_autotune_config(cuda_device, family, index):
         for g, h in zip(got, ref_itc_grads):
             assert rel_err(g, h) < tol, cfg
         ref_one_way = R.info_nce(ex[0], ex[1], s64, False)
-        ref_one_way_grads = torch.autograd.grad(ref_one_way, [ex[0], s64])
+        ref_one_way_grads = torch.autograd.grad(ref_one_way, [ex[0], ex[1], s64])
         loss, _, h_b, h_dot = softmax_ce.info_nce_forward_with_grad(a, b, s, config=cfg)
         assert rel_err(loss, ref_one_way) < 1e-3, cfg
         assert rel_err(h_b.float() * (s / n), ref_one_way_grads[0]) < tol, cfg
-        assert rel_err(h_dot / n, ref_one_way_grads[1]) < tol, cfg
+        assert rel_err(h_dot / n, ref_one_way_grads[2]) < tol, cfg
+        # the one-way db launch (the other side's softmax only), as the full objective's terms run it
+        _, db, _ = softmax_ce.info_nce_backward(grad, a, b, s, lse2[:1], False, False, True, False, config=cfg)
+        assert rel_err(db, ref_one_way_grads[1]) < tol, cfg
     elif family == "exp_gram_fwd":
         cfg = exp_gram.FORWARD_CONFIGS[index]
         total, _ = exp_gram.exp_gram_forward(a, 2.0, config=cfg)
