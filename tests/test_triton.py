@@ -583,7 +583,10 @@ def test_gpu_symmetric_wide_spread(cuda_device, dtype, kind):
 # from a forward kernel: no extra forward compile per test, and the backward is checked on its own.
 _EVERY_CONFIG = (
     [pytest.param("softmax_ce_fwd", i, id=f"softmax_ce_fwd-{i}") for i in range(len(softmax_ce.FORWARD_CONFIGS))]
-    + [pytest.param("softmax_ce_bwd", i, id=f"softmax_ce_bwd-{i}") for i in range(len(softmax_ce.BACKWARD_CONFIGS))]
+    # five launches each (symmetric with and without ds, ITC, the one-way forward with the gradient and
+    # its db): cold, ~5 Triton compiles, the longest of these tests
+    + [pytest.param("softmax_ce_bwd", i, id=f"softmax_ce_bwd-{i}", marks=pytest.mark.gpu_cost(30))
+       for i in range(len(softmax_ce.BACKWARD_CONFIGS))]
     + [pytest.param("exp_gram_fwd", i, id=f"exp_gram_fwd-{i}") for i in range(len(exp_gram.FORWARD_CONFIGS))]
     + [pytest.param("exp_gram_bwd", i, id=f"exp_gram_bwd-{i}") for i in range(len(exp_gram.BACKWARD_CONFIGS))])
 
