@@ -237,6 +237,18 @@ def plan_backward(n_rows: int, n_cols: int, width: int, device: torch.device) ->
     return {"cols_per_split": cols_per_split, "splits": splits}
 
 
+def tile_config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int, *,
+                block_do: Optional[int] = None, flatten: Optional[bool] = None) -> triton.Config:
+    """An autotune config; ``BLOCK_DO`` (a backward's D slice) and ``FLATTEN`` (one pipelined loop over
+    tile and K slice) only for the kernels that take them."""
+    kwargs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
+    if block_do is not None:
+        kwargs["BLOCK_DO"] = block_do
+    if flatten is not None:
+        kwargs["FLATTEN"] = flatten
+    return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
+
+
 def prune_configs(configs: List[triton.Config], named_args: dict, **kwargs) -> List[triton.Config]:
     """Autotune pruning: ``BLOCK_K`` and ``BLOCK_DO`` never wider than the padded D; drop configs whose
     fp32 accumulator (``BLOCK_M x BLOCK_DO``) or FMA product tile (fp32/fp64) would spill, always

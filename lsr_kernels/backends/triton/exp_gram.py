@@ -29,28 +29,23 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (LOG2E, _row_slice_program, _similarity_tiles, acc_dtype, check_matrix, interpreting,
-                      kernel_dtypes, launch, padded_width, plan_backward, prune_configs)
+                      kernel_dtypes, launch, padded_width, plan_backward, prune_configs, tile_config)
 
 # ------------------------------------------------------------------------------------ GPU configs
 # FLATTEN: one software-pipelined loop over (column tile, K slice), as in softmax_ce's backward; the
 # autotuner picks between both forms of the first (D = 512 workhorse) config.
 FORWARD_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "FLATTEN": False}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "FLATTEN": False}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "FLATTEN": False}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "FLATTEN": True}, num_warps=8, num_stages=3),
+    tile_config(128, 128, 64, 8, 3, flatten=False),
+    tile_config(128, 128, 128, 8, 2, flatten=False),
+    tile_config(64, 64, 32, 4, 3, flatten=False),
+    tile_config(128, 128, 64, 8, 3, flatten=True),
 ]
 BACKWARD_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 256, "FLATTEN": False},
-                  num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 128, "FLATTEN": False},
-                  num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 128, "FLATTEN": False},
-                  num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_DO": 128, "FLATTEN": False},
-                  num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 256, "FLATTEN": True},
-                  num_warps=8, num_stages=3),
+    tile_config(64, 64, 64, 8, 3, block_do=256, flatten=False),
+    tile_config(128, 64, 64, 8, 3, block_do=128, flatten=False),
+    tile_config(64, 64, 64, 8, 3, block_do=128, flatten=False),
+    tile_config(64, 64, 32, 4, 3, block_do=128, flatten=False),
+    tile_config(64, 64, 64, 8, 3, block_do=256, flatten=True),
 ]
 #: Row-norm kernel: memory bound, one fixed shape (GPU, interpreter).
 NORM_BLOCKS_GPU = (64, 128)

@@ -56,7 +56,7 @@ from torch import Tensor
 from ... import _validation as V
 from ._common import (LN2, LOG2E_C, NEG_BIG, _row_slice_program, _similarity_tiles, acc_dtype,
                       check_matrix, check_same, check_scale, kernel_dtypes, launch, merge_partial_lse2,
-                      padded_width, plan_backward, plan_forward, prune_configs)
+                      padded_width, plan_backward, plan_forward, prune_configs, tile_config)
 
 # ------------------------------------------------------------------------------------ GPU configs
 # sm_90 (H100/H200): 64-128 wide tiles, K slices of 32-128 staged through shared memory by the
@@ -66,13 +66,12 @@ from ._common import (LN2, LOG2E_C, NEG_BIG, _row_slice_program, _similarity_til
 # exponentials; 128 x 64 on one warp group (4 warps: 251 registers, 72 KiB of shared memory, no
 # spill) lets two programs share an SM and overlap one's exponentials with the other's product.
 FORWARD_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-]
-# The backward holds an fp32 [BLOCK_M, BLOCK_DO] slice of dq in registers (see _common): 64 x 256 is
+    tile_config(128, 128, 64, 8, 3),
+    tile_config(128, 128, 128, 8, 2),
+    tile_config(128, 64, 64, 8, 3),
+    tile_config(64, 64, 32, 4, 3),
+    tile_config(128, 64, 64, 4, 3),
+]# The backward holds an fp32 [BLOCK_M, BLOCK_DO] slice of dq in registers (see _common): 64 x 256 is
 # the no-spill workhorse, 64 x 512 trades a small spill for no tile recompute at D = 512, and the
 # 128-row / 64 x 128 ones serve narrow D and fp32 (FMA) products. _common.prune_configs drops what
 # would spill badly for the dtype.
@@ -83,21 +82,16 @@ FORWARD_CONFIGS = [
 # memory (sm_90 build table); the autotuner picks between both forms of the two D = 512 workhorses.
 # 128 x 64 x 256 (flattened: 8 B of spill) reads 55 flops per operand byte from L2 at D = 512, against
 # 38 for 64 x 64 x 256: the candidate for a backward that waits on L2 rather than on its arithmetic.
-def _backward_config(block_m, block_n, block_k, block_do, num_warps, num_stages, flatten=False):
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_DO": block_do,
-                          "FLATTEN": flatten}, num_warps=num_warps, num_stages=num_stages)
-
-
 BACKWARD_CONFIGS = [
-    _backward_config(64, 64, 64, 256, 8, 3),
-    _backward_config(64, 128, 64, 256, 8, 2),
-    _backward_config(64, 64, 64, 512, 8, 3),
-    _backward_config(128, 64, 64, 128, 8, 3),
-    _backward_config(64, 64, 64, 128, 8, 3),
-    _backward_config(64, 64, 32, 128, 4, 3),
-    _backward_config(64, 64, 64, 256, 8, 3, flatten=True),
-    _backward_config(64, 64, 64, 512, 8, 3, flatten=True),
-    _backward_config(128, 64, 64, 256, 8, 3, flatten=True),
+    tile_config(64, 64, 64, 8, 3, block_do=256, flatten=False),
+    tile_config(64, 128, 64, 8, 2, block_do=256, flatten=False),
+    tile_config(64, 64, 64, 8, 3, block_do=512, flatten=False),
+    tile_config(128, 64, 64, 8, 3, block_do=128, flatten=False),
+    tile_config(64, 64, 64, 8, 3, block_do=128, flatten=False),
+    tile_config(64, 64, 32, 4, 3, block_do=128, flatten=False),
+    tile_config(64, 64, 64, 8, 3, block_do=256, flatten=True),
+    tile_config(64, 64, 64, 8, 3, block_do=512, flatten=True),
+    tile_config(128, 64, 64, 8, 3, block_do=256, flatten=True),
 ]
 
 
@@ -112,9 +106,9 @@ BACKWARD_CONFIGS = [
 #: ``R - r_i`` and ``R - c_j`` is at most ``FACTOR_SPREAD``: a ``2^(t_ij - R)`` that flushes to 0 (GPU
 #: exp2 flushes results below 2^-126; the interpreter keeps denormals, so the GPU tests are the ones
 #: that see this) then stands for a term below ``2^(FACTOR_SPREAD - 126)`` = 2^-62, and no factor that
-#: is used overflows. A tile whose statistics spread wider takes two exponentials per logit. fp32/fp64 always take two,
-#: so that a lone positive's loss and gradient stay exactly 0 there (the factors round; fp16/bf16
-#: parity never relied on that).
+#: is used overflows. A tile whose statistics spread wider takes two exponentials per logit.
+#: fp32/fp64 always take two, so that a lone positive's loss and gradient stay exactly 0 there (the
+#: factors round; fp16/bf16 parity never relied on that).
 FACTORED_EXP_SPREAD = 64.0
 
 
@@ -136,6 +130,12 @@ def _exp2_gap(top, ref, mask):
 
 
 @triton.jit
+def _row_and_col_exp2_sums_direct(t, row_ref, col_ref):
+    """The two sums of :func:`_row_and_col_exp2_sums` with an exponential per term."""
+    return tl.sum(tl.exp2(t - row_ref[:, None]), 1), tl.sum(tl.exp2(t - col_ref[None, :]), 0)
+
+
+@triton.jit
 def _row_and_col_exp2_sums(t, row_ref, col_ref, col_mask, FACTOR_EXP: tl.constexpr, FACTOR_SPREAD: tl.constexpr):
     """``(sum_j 2^(t_ij - row_ref_i), sum_i 2^(t_ij - col_ref_j))`` of one forward tile; the references
     are maxima (the running row maxima, the tile's column maxima), so no term exceeds 1. The sums of
@@ -148,12 +148,16 @@ def _row_and_col_exp2_sums(t, row_ref, col_ref, col_mask, FACTOR_EXP: tl.constex
             row_sum = tl.sum(e, 1) * tl.exp2(top - row_ref)
             col_sum = tl.sum(e, 0) * _exp2_gap(top, col_ref, col_mask)
         else:
-            row_sum = tl.sum(tl.exp2(t - row_ref[:, None]), 1)
-            col_sum = tl.sum(tl.exp2(t - col_ref[None, :]), 0)
+            row_sum, col_sum = _row_and_col_exp2_sums_direct(t, row_ref, col_ref)
     else:
-        row_sum = tl.sum(tl.exp2(t - row_ref[:, None]), 1)
-        col_sum = tl.sum(tl.exp2(t - col_ref[None, :]), 0)
+        row_sum, col_sum = _row_and_col_exp2_sums_direct(t, row_ref, col_ref)
     return row_sum, col_sum
+
+
+@triton.jit
+def _own_plus_other_exp2_direct(t, own, other):
+    """:func:`_own_plus_other_exp2` with an exponential per term."""
+    return tl.exp2(t - own[:, None]) + tl.exp2(t - other[None, :])
 
 
 @triton.jit
@@ -167,9 +171,9 @@ def _own_plus_other_exp2(t, own, other, own_top, own_factor, own_floor, col_mask
         if own_top - tl.minimum(own_floor, _floor(other, col_mask)) <= FACTOR_SPREAD:
             g = tl.exp2(t - own_top) * (own_factor[:, None] + _exp2_gap(own_top, other, col_mask)[None, :])
         else:
-            g = tl.exp2(t - own[:, None]) + tl.exp2(t - other[None, :])
+            g = _own_plus_other_exp2_direct(t, own, other)
     else:
-        g = tl.exp2(t - own[:, None]) + tl.exp2(t - other[None, :])
+        g = _own_plus_other_exp2_direct(t, own, other)
     return g
 
 
