@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) exp_gram_bwd_kernel
 
   const acc_t coef = acc_t(-4) * t * *static_cast<const acc_t*>(p.grad);
   T* grad_x = static_cast<T*>(p.grad_x);
-  gemm2.store(S, a_rows, d0, D, [&](int r, int col, acc_t v) {
+  gemm2.store(a_rows, d0, D, [&](int r, int col, acc_t v) {
     const int64_t idx = static_cast<int64_t>(r0 + r) * D + col;
     grad_x[idx] = Convert<T>::from(coef * (row_sums[r] * to_acc(x[idx]) - v / kH));
   });

@@ -278,7 +278,7 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_bwd_kernel
   const acc_t g = *static_cast<const acc_t*>(p.grad);
   const acc_t coef = g * s * static_cast<acc_t>(p.inv_norm) / kH;
   T* grad_a = static_cast<T*>(p.grad_a);
-  gemm2.store(S, a_rows, d0, D, [&](int r, int col, acc_t v) {
+  gemm2.store(a_rows, d0, D, [&](int r, int col, acc_t v) {
     grad_a[static_cast<int64_t>(r0 + r) * D + col] = Convert<T>::from(coef * v);
   });
 
@@ -289,17 +289,9 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_bwd_kernel
 }
 
 // --------------------------------------------------------------- one-way forward with the gradient
-// The backward kernel's layout plus staging for RowGemm::scale_rows; "rows" holds per-row factors.
-template <typename T>
-struct FwdGradLayout {
-  using Base = RowBwdLayout<T, 1>;
-  static constexpr size_t kOffStaging = align_up(Base::kSmemBytes);
-  static constexpr size_t kSmemBytes = kOffStaging + Base::Gemm2::kStagingBytes;
-};
-
 // Lazy rescaling (as FlashAttention-4 does): exponentials are taken against a per-row reference
 // max that moves only when a tile's max exceeds it by more than kTau, so the accumulated rows are
-// rescaled (a round trip through shared memory for the opaque wmma fragments) only a few times per
+// rescaled (a block-wide vote, then every thread's accumulator registers) only a few times per
 // row. Every weight stays <= e^kTau; for fp16, kPScale moves the weights 4 bits further from its
 // subnormals (below e^-12.5 they still are one: < 2e-9 each against a row sum >= 1) while
 // e^kTau * kPScale < 65504. bf16, fp32 and fp64 need no scale.
@@ -320,7 +312,6 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_fwd_grad_k
   T* gemm1_smem = reinterpret_cast<T*>(smem);
   acc_t* S = reinterpret_cast<acc_t*>(smem + K::kOffS);
   acc_t* rows = reinterpret_cast<acc_t*>(smem + K::kOffRows);
-  void* staging = smem + FwdGradLayout<T>::kOffStaging;
   typename K::Gemm2 gemm2;
   gemm2.init(reinterpret_cast<T*>(smem + K::kOffG2));
 
@@ -365,7 +356,7 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_fwd_grad_k
     }
     if (part == 0) rows[row] = factor;
     // block-uniform: rescale what the earlier tiles accumulated (nothing yet on the first tile)
-    if (__syncthreads_or(bump && c0 > 0)) gemm2.scale_rows(rows, staging);
+    if (__syncthreads_or(bump && c0 > 0)) gemm2.scale_rows(rows);
 #pragma unroll
     for (int k = 0; k < K::BN / K::kTPR; ++k) {
       const int c = part + K::kTPR * k;
@@ -396,7 +387,7 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_fwd_grad_k
   __syncthreads();
   // kept in acc_t: the backward scales it by g s / N and rounds to T once
   acc_t* grad_unit = static_cast<acc_t*>(p.grad_unit);
-  gemm2.store(staging, a_rows, d0, D, [&](int r, int col, acc_t v) {
+  gemm2.store(a_rows, d0, D, [&](int r, int col, acc_t v) {
     const int64_t pos = static_cast<int64_t>(r0 + r + p.pos_off) * D + col;
     grad_unit[static_cast<int64_t>(r0 + r) * D + col] = v / (kPScale * rows[r]) - to_acc(B[pos]);
   });
@@ -451,7 +442,7 @@ cudaError_t launch_info_nce_fwd_grad(const InfoNceFwdGradParams& p, int max_smem
   return DTYPE_SWITCH(p.dtype, T, [&] {
     using K = RowBwdLayout<T, 1>;
     const dim3 grid(ceil_div(p.n, K::BM), ceil_div(p.d, K::Gemm2::DC));
-    return launch_fused(info_nce_fwd_grad_kernel<T>, grid, FwdGradLayout<T>::kSmemBytes, max_smem, stream, p);
+    return launch_fused(info_nce_fwd_grad_kernel<T>, grid, K::kSmemBytes, max_smem, stream, p);
   });
 }
 

@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(kThreads) itc_bwd_kernel(const ItcBwdParams p)
   const acc_t g = *static_cast<const acc_t*>(p.grad);
   const acc_t coef = g * s / (static_cast<acc_t>(N) * kH);
   T* grad_q = static_cast<T*>(p.grad_q);
-  gemm2.store(S1, a_rows, d0, D, [&](int r, int col, acc_t v) {
+  gemm2.store(a_rows, d0, D, [&](int r, int col, acc_t v) {
     grad_q[static_cast<int64_t>(r0 + r) * D + col] = Convert<T>::from(coef * v);
   });
 

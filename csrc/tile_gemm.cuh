@@ -10,8 +10,10 @@
 //             tiles; the block owns the D-columns [d0, d0 + DC) of its rows' gradient (grid.y splits D).
 //
 // Two implementations of each, picked by the element type:
-//   fp16 / bf16: tensor cores through nvcuda::wmma (m16n16k16, fp32 accumulation), operands staged in
-//                shared memory with a two-stage cp.async pipeline (sm_80+).
+//   fp16 / bf16: tensor cores through mma.sync m16n8k16 (fp32 accumulation) with operands read by
+//                ldmatrix from shared memory, staged with a two-stage cp.async pipeline (sm_80+).
+//                The accumulator fragments have the PTX ISA's documented lane layout, so rescaling
+//                and storing them happens in registers.
 //   fp32 / fp64: plain FMA register tiling (16 x 16 threads, each a TM x TN micro-tile), so fp32
 //                results match a float32 reference tightly and fp64 supports gradcheck.
 //
@@ -23,7 +25,6 @@
 #include <cuda_fp16.h>
 #ifndef LSR_CPU_EMULATION
 #include <cuda_runtime.h>
-#include <mma.h>
 #endif
 
 #include <cmath>
@@ -31,8 +32,8 @@
 #include <type_traits>
 
 // The kernels compile unchanged into a CPU emulation (csrc/cpu_emulation/, used by the tests on
-// machines without a GPU); these macros, prepare_launch and the cp.async helpers are the only
-// places where the two builds differ.
+// machines without a GPU); these macros, prepare_launch and the cp.async, ldmatrix and mma.sync
+// helpers are the only places where the two builds differ.
 #ifdef LSR_CPU_EMULATION
 #define LSR_DYNAMIC_SMEM(name) unsigned char* name = ::lsr_emu::block_shared_memory()
 #define LSR_LAUNCH(kernel, grid, block, smem_bytes, stream, ...) \
@@ -60,7 +61,7 @@ constexpr int kTwoBlocksPerSM = 1;
 #endif
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ < 800)
-// cp.async and bf16 wmma need sm_80; the host refuses fp16/bf16 on older devices and the fp32/fp64
+// cp.async and bf16 mma.sync need sm_80; the host refuses fp16/bf16 on older devices and the fp32/fp64
 // paths never touch these instructions.
 #define LSR_NO_SM80 1
 #endif
@@ -249,6 +250,76 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// ------------------------------------------------------------------------ ldmatrix / mma.sync
+// Four 8 x 8 matrices of 16-bit elements from shared memory; lane l gives the address of row l % 8
+// of matrix l / 8. Without TRANS, lane l gets in r[i] the elements (l / 4, 2 (l % 4) + {0, 1}) of
+// matrix i; with TRANS those of its transpose, (2 (l % 4) + {0, 1}, l / 4).
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
+#if defined(LSR_CPU_EMULATION)
+  ::lsr_emu::ldmatrix_x4(r, smem_row, TRANS);
+#elif !defined(LSR_NO_SM80)
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
+  if constexpr (TRANS) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  }
+#else
+  __trap();
+#endif
+}
+
+// d[4] += A (16 x 16, row-major fragment a) . B (16 x 8, column-major fragment b) in fp32. For lane
+// l, g = l / 4, t = l % 4: d = D(g, 2t), D(g, 2t + 1), D(g + 8, 2t), D(g + 8, 2t + 1); a[0..3] =
+// A(g, 2t..), A(g + 8, 2t..), A(g, 2t + 8..), A(g + 8, 2t + 8..); b[0..1] = B(2t.., g), B(2t + 8.., g).
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(LSR_CPU_EMULATION)
+  const uint32_t b[2] = {b0, b1};
+  ::lsr_emu::mma_m16n8k16<T>(d, a, b);
+#elif !defined(LSR_NO_SM80)
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    static_assert(std::is_same<T, __half>::value, "mma.sync operands are fp16 or bf16");
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+#else
+  __trap();
+#endif
+}
+
+// Where lane `lane` points ldmatrix_x4 inside a 16 x 16 block of a row-major shared-memory tile:
+//   FragA: the block is A (rows m, columns k); r[0..3] become an mma `a` fragment.
+//   FragBt: the block is B^T (rows n, columns k); r[0..1] / r[2..3] are the `b` fragments of columns
+//           n 0-7 / 8-15.
+//   FragBTrans (with TRANS): the block is B (rows k, columns n); r[0..1] / r[2..3] as FragBt.
+struct FragA {
+  __device__ static int row(int lane) { return lane & 15; }
+  __device__ static int col(int lane) { return (lane >> 4) * 8; }
+};
+struct FragBt {
+  __device__ static int row(int lane) { return (lane & 7) + ((lane >> 4) << 3); }
+  __device__ static int col(int lane) { return ((lane >> 3) & 1) * 8; }
+};
+struct FragBTrans {
+  __device__ static int row(int lane) { return (lane & 7) + (((lane >> 3) & 1) << 3); }
+  __device__ static int col(int lane) { return (lane >> 4) * 8; }
+};
+
 // Copies src[0:ROWS, col0:col0+COLS] of a row-major matrix with D columns into dst[ROWS][LDD]
 // (shared memory); rows >= rows_valid and columns >= D become zeros. `vec` (2-byte types only):
 // 16-byte cp.async, legal when D % 8 == 0, col0 % 8 == 0 and src is 16-byte aligned; it then moves
@@ -288,11 +359,11 @@ __device__ __forceinline__ void load_block(T* dst, const T* src, int rows_valid,
 template <typename T, int BM, int BN, int NA>
 struct TcTileGemm {
   static constexpr int BK = 32;       // D-slice per pipeline stage
-  static constexpr int LDK = BK + 8;  // 80-byte rows: 16-byte aligned cp.async, wmma ldm % 8 == 0,
-                                      // and fragment rows (16 * 80 B) stay 32-byte aligned
+  static constexpr int LDK = BK + 8;  // 80-byte rows: 16-byte aligned cp.async and ldmatrix rows, and
+                                      // the 8 rows one ldmatrix phase reads fall on 8 distinct bank quads
   static constexpr int WARPS_M = 4, WARPS_N = 2;
   static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
-  static constexpr int FM = WM / 16, FN = WN / 16;
+  static constexpr int FM = WM / 16, FN = WN / 16;  // 16 x 16 blocks per warp; FN pairs of n8 mma tiles
   static_assert(WARPS_M * WARPS_N == kWarps, "8 warps");
   static_assert(WM % 16 == 0 && WN % 16 == 0, "warp tile is a multiple of 16 x 16");
   static constexpr int kStageA = BM * LDK, kStageB = BN * LDK;  // elements
@@ -301,27 +372,30 @@ struct TcTileGemm {
   template <typename acc_t>
   __device__ static void run(const T* const* A, int a_rows, const T* B, int b_rows, int D, bool vec, T* smem,
                              acc_t* const* S, int lds) {
-#ifndef LSR_NO_SM80
-    using namespace nvcuda;
     static_assert(std::is_same<acc_t, float>::value, "tensor cores accumulate in fp32");
     auto stage_a = [&](int a, int st) { return smem + (a * 2 + st) * kStageA; };
     auto stage_b = [&](int st) { return smem + 2 * NA * kStageA + st * kStageB; };
-    const int warp = threadIdx.x >> 5;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int wm = warp / WARPS_N, wn = warp % WARPS_N;
 
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NA][FM][FN];
+    float acc[NA][FM][2 * FN][4];
 #pragma unroll
     for (int a = 0; a < NA; ++a)
 #pragma unroll
       for (int i = 0; i < FM; ++i)
 #pragma unroll
-        for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[a][i][j], 0.0f);
+        for (int j = 0; j < 2 * FN; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[a][i][j][e] = 0.0f;
 
     auto load_stage = [&](int st, int kc) {
 #pragma unroll
       for (int a = 0; a < NA; ++a) load_block<T, BM, BK, LDK>(stage_a(a, st), A[a], a_rows, kc * BK, D, vec);
       load_block<T, BN, BK, LDK>(stage_b(st), B, b_rows, kc * BK, D, vec);
     };
+    // This lane's ldmatrix rows within the warp's tile of each stage.
+    const int a_off = (wm * WM + FragA::row(lane)) * LDK + FragA::col(lane);
+    const int b_off = (wn * WN + FragBt::row(lane)) * LDK + FragBt::col(lane);
 
     const int nk = ceil_div(D, BK);
     load_stage(0, 0);
@@ -335,34 +409,39 @@ struct TcTileGemm {
       const int st = kc & 1;
 #pragma unroll
       for (int kk = 0; kk < BK; kk += 16) {
-        // B^T as a col-major K x N operand: element (k, n) = B[n][k] = stage_b[n * LDK + k].
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf[FN];
+        uint32_t bf[FN][4];  // B^T's rows n are the stage's rows: columns n of the product
 #pragma unroll
-        for (int j = 0; j < FN; ++j) wmma::load_matrix_sync(bf[j], stage_b(st) + (wn * WN + 16 * j) * LDK + kk, LDK);
+        for (int j = 0; j < FN; ++j) ldmatrix_x4<false>(bf[j], stage_b(st) + b_off + 16 * j * LDK + kk);
 #pragma unroll
         for (int a = 0; a < NA; ++a) {
 #pragma unroll
           for (int i = 0; i < FM; ++i) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
-            wmma::load_matrix_sync(af, stage_a(a, st) + (wm * WM + 16 * i) * LDK + kk, LDK);
+            uint32_t af[4];
+            ldmatrix_x4<false>(af, stage_a(a, st) + a_off + 16 * i * LDK + kk);
 #pragma unroll
-            for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[a][i][j], af, bf[j], acc[a][i][j]);
+            for (int j = 0; j < FN; ++j) {
+              mma_16816<T>(acc[a][i][2 * j], af, bf[j][0], bf[j][1]);
+              mma_16816<T>(acc[a][i][2 * j + 1], af, bf[j][2], bf[j][3]);
+            }
           }
         }
       }
       __syncthreads();
     }
+    // Lane (g, t) holds S(g, 2t..2t+1) and S(g + 8, 2t..2t+1) of each 16 x 8 tile.
+    const int g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int a = 0; a < NA; ++a)
 #pragma unroll
       for (int i = 0; i < FM; ++i)
 #pragma unroll
-        for (int j = 0; j < FN; ++j)
-          wmma::store_matrix_sync(S[a] + (wm * WM + 16 * i) * lds + wn * WN + 16 * j, acc[a][i][j], lds,
-                                  wmma::mem_row_major);
-#else
-    __trap();
-#endif
+        for (int j = 0; j < 2 * FN; ++j) {
+          float* out = S[a] + (wm * WM + 16 * i + g) * lds + wn * WN + 8 * j + 2 * t;
+          out[0] = acc[a][i][j][0];
+          out[1] = acc[a][i][j][1];
+          out[8 * lds] = acc[a][i][j][2];
+          out[8 * lds + 1] = acc[a][i][j][3];
+        }
   }
 };
 
@@ -438,28 +517,25 @@ template <typename T, int BM, int BN, int F>
 struct TcRowGemm {
   using acc_t = float;
   static constexpr int DC = kWarps * 16 * F;  // warp w owns columns [16 F w, 16 F (w + 1)) of the chunk
-  static constexpr int LDB2 = DC + 8;         // wmma ldm % 8 == 0, 16-byte aligned rows
+  static constexpr int LDB2 = DC + 8;         // 16-byte aligned rows; ldmatrix's 8 rows on 8 bank quads
   static constexpr int LDH = BN + 8;
   static constexpr int FM = BM / 16;
   static_assert(BM % 16 == 0 && BN % 16 == 0, "16 x 16 fragments");
   static constexpr size_t kSmemBytes = sizeof(T) * (BN * LDB2 + BM * LDH);
-  static constexpr size_t kStagingBytes = sizeof(float) * kWarps * 256;  // one 16 x 16 tile per warp
 
-#ifndef LSR_NO_SM80
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[FM][F];
-#endif
+  float acc[FM][2 * F][4];  // 16 x 8 tiles: rows 16 i + {g, g + 8}, columns 8 j + 2 t + {0, 1}
   T* sB2;
   T* sH;
 
   __device__ void init(T* smem) {
     sB2 = smem;
     sH = smem + BN * LDB2;
-#ifndef LSR_NO_SM80
 #pragma unroll
     for (int i = 0; i < FM; ++i)
 #pragma unroll
-      for (int j = 0; j < F; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.0f);
-#endif
+      for (int j = 0; j < 2 * F; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
   }
 
   __device__ void prefetch(const T* B, int b_rows, int d0, int D, bool vec) {
@@ -468,79 +544,62 @@ struct TcRowGemm {
   }
 
   __device__ void accumulate(int d0, int D) {
-#ifndef LSR_NO_SM80
-    using namespace nvcuda;
     cp_async_wait<0>();
     __syncthreads();  // sB2 landed and sH is complete
-    const int warp = threadIdx.x >> 5;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n0 = warp * 16 * F;
     if (d0 + n0 >= D) return;  // this warp's columns are all padding (warp-uniform)
+    const T* b_base = sB2 + FragBTrans::row(lane) * LDB2 + n0 + FragBTrans::col(lane);
+    const T* h_base = sH + FragA::row(lane) * LDH + FragA::col(lane);
 #pragma unroll
     for (int kk = 0; kk < BN; kk += 16) {
-      // B2 as a row-major K x N operand: element (k, n) = sB2[k * LDB2 + n].
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf[F];
+      uint32_t bf[F][4];  // B2 as stored: rows k, columns n
 #pragma unroll
-      for (int j = 0; j < F; ++j) wmma::load_matrix_sync(bf[j], sB2 + kk * LDB2 + n0 + 16 * j, LDB2);
+      for (int j = 0; j < F; ++j) ldmatrix_x4<true>(bf[j], b_base + kk * LDB2 + 16 * j);
 #pragma unroll
       for (int i = 0; i < FM; ++i) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
-        wmma::load_matrix_sync(af, sH + 16 * i * LDH + kk, LDH);
+        uint32_t af[4];
+        ldmatrix_x4<false>(af, h_base + 16 * i * LDH + kk);
 #pragma unroll
-        for (int j = 0; j < F; ++j) wmma::mma_sync(acc[i][j], af, bf[j], acc[i][j]);
-      }
-    }
-#else
-    __trap();
-#endif
-  }
-
-  // acc[r][:] *= factors[r] for the BM rows (factors in shared memory).
-  __device__ void scale_rows(const float* factors, void* staging) {
-    through_staging(staging, true, [&](float* tile, int lane, int i, int /*j*/) {
-      for (int e = lane; e < 256; e += 32) tile[e] *= factors[16 * i + (e >> 4)];
-    });
-  }
-
-  template <class Out>
-  __device__ void store(void* staging, int a_rows, int d0, int D, Out out) {
-    const int warp = threadIdx.x >> 5;
-    through_staging(staging, false, [&](const float* tile, int lane, int i, int j) {
-      const int col0 = d0 + warp * 16 * F + 16 * j;
-      if (col0 >= D) return;  // warp-uniform: this fragment is padding
-      for (int e = lane; e < 256; e += 32) {
-        const int row = 16 * i + (e >> 4), col = col0 + (e & 15);
-        if (row < a_rows && col < D) out(row, col, tile[e]);
-      }
-    });
-  }
-
- private:
-  // The fragments' element layout is opaque: each one goes to this warp's 16 x 16 tile of `staging`
-  // (kStagingBytes of shared memory no other thread uses), visit(tile, lane, i, j) reads or edits it
-  // (every lane of the warp calls it), and with `reload` the tile goes back into the fragment.
-  template <class Visit>
-  __device__ void through_staging(void* staging, bool reload, Visit visit) {
-#ifndef LSR_NO_SM80
-    using namespace nvcuda;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    float* tile = static_cast<float*>(staging) + warp * 256;
-#pragma unroll
-    for (int i = 0; i < FM; ++i) {
-#pragma unroll
-      for (int j = 0; j < F; ++j) {
-        wmma::store_matrix_sync(tile, acc[i][j], 16, wmma::mem_row_major);
-        __syncwarp();
-        visit(tile, lane, i, j);
-        __syncwarp();
-        if (reload) {
-          wmma::load_matrix_sync(acc[i][j], tile, 16, wmma::mem_row_major);
-          __syncwarp();  // the next fragment reuses the tile
+        for (int j = 0; j < F; ++j) {
+          mma_16816<T>(acc[i][2 * j], af, bf[j][0], bf[j][1]);
+          mma_16816<T>(acc[i][2 * j + 1], af, bf[j][2], bf[j][3]);
         }
       }
     }
-#else
-    __trap();
-#endif
+  }
+
+  // acc[r][:] *= factors[r] for the BM rows (factors in shared memory).
+  __device__ void scale_rows(const float* factors) {
+    const int g = (threadIdx.x & 31) >> 2;
+#pragma unroll
+    for (int i = 0; i < FM; ++i) {
+      const float lo = factors[16 * i + g], hi = factors[16 * i + g + 8];
+#pragma unroll
+      for (int j = 0; j < 2 * F; ++j) {
+        acc[i][j][0] *= lo;
+        acc[i][j][1] *= lo;
+        acc[i][j][2] *= hi;
+        acc[i][j][3] *= hi;
+      }
+    }
+  }
+
+  template <class Out>
+  __device__ void store(int a_rows, int d0, int D, Out out) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int n0 = d0 + warp * 16 * F;
+    if (n0 >= D) return;  // warp-uniform: these columns are padding
+#pragma unroll
+    for (int i = 0; i < FM; ++i)
+#pragma unroll
+      for (int j = 0; j < 2 * F; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = 16 * i + g + 8 * (e >> 1), col = n0 + 8 * j + 2 * t + (e & 1);
+          if (row < a_rows && col < D) out(row, col, acc[i][j][e]);
+        }
   }
 };
 
@@ -554,7 +613,6 @@ struct FmaRowGemm {
   static constexpr int TM = BM / 16, TN = DC / 16;
   static_assert(BM % 16 == 0 && DC % 16 == 0, "16 x 16 thread grid");
   static constexpr size_t kSmemBytes = sizeof(T) * (BN * LDB2 + BM * LDH);
-  static constexpr size_t kStagingBytes = 0;
 
   acc_t acc[TM][TN];
   T* sB2;
@@ -591,7 +649,7 @@ struct FmaRowGemm {
   }
 
   // acc[r][:] *= factors[r]: each thread owns its rows' accumulators.
-  __device__ void scale_rows(const acc_t* factors, void* /*staging*/) {
+  __device__ void scale_rows(const acc_t* factors) {
     const int ty = threadIdx.x / 16;
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
@@ -602,7 +660,7 @@ struct FmaRowGemm {
   }
 
   template <class Out>
-  __device__ void store(void* /*staging*/, int a_rows, int d0, int D, Out out) {
+  __device__ void store(int a_rows, int d0, int D, Out out) {
     const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
 #pragma unroll
     for (int i = 0; i < TM; ++i)
@@ -625,7 +683,6 @@ using RowGemm = typename std::conditional<Types<T>::kTensorCore, TcRowGemm<T, BM
 //   [TileGemm buffers | S: NA x BM x LDS acc | RowGemm buffers (sB2, sH) | rows: BM acc | scratch]
 // Epilogue: kTPR threads per row; thread `part` takes the tile columns part, part + kTPR, ... With a
 // row stride of 4 (mod 32) words the 8 rows x 4 parts of a warp read 32 distinct banks.
-// RowGemm's output staging (tensor-core path) reuses S after the last tile.
 template <typename T, int NA>
 struct RowBwdLayout {
   using acc_t = typename Types<T>::acc_t;
@@ -640,7 +697,6 @@ struct RowBwdLayout {
   static constexpr size_t kOffRows = align_up(kOffG2 + Gemm2::kSmemBytes);
   static constexpr size_t kOffScratch = align_up(kOffRows + sizeof(acc_t) * BM);
   static constexpr size_t kSmemBytes = kOffScratch + sizeof(acc_t) * kWarps;
-  static_assert(Gemm2::kStagingBytes <= sizeof(acc_t) * BM * LDS, "the output staging reuses S");
   static_assert(BN % kTPR == 0 && kTPR <= 32, "whole columns per thread, a row's threads in one warp");
 };
 

@@ -1,11 +1,15 @@
-"""ptxas's registers and spills of every CUDA kernel for sm_90, without a GPU.
+"""ptxas's registers and spills, and the SASS instruction mix, of every CUDA kernel for sm_90, without a GPU.
 
     python scripts/cuda_sm90_ptxas.py                # prints the table
     python scripts/cuda_sm90_ptxas.py --write        # and writes benchmarks/results/cuda_sm90_ptxas.txt
 
 Compiles each ``csrc/*_kernels.cu`` with ``nvcc -O3 -arch=sm_90 -Xptxas -v`` (the headers of the
 toolkit, then of the pip ``nvidia/cu*`` wheels, as the extension build uses) and prints one line per
-kernel instantiation: registers per thread, stack frame and spill bytes. Needs only nvcc.
+kernel instantiation: registers per thread, stack frame and spill bytes, and, where a ``cuobjdump`` is
+found (the toolkit's, or the one bundled with Triton), how many tensor-core instructions (``HMMA``) and
+shared-memory loads the kernel's SASS holds: ``LDSM`` (ldmatrix), ``LDS``, and generic ``LD`` (a load
+the compiler could not prove to be from shared memory; slower, and a sign of an opaque fragment API).
+Static counts of the unrolled code, not executed counts.
 """
 from __future__ import annotations
 
@@ -61,11 +65,39 @@ def _pretty(mangled: str) -> str:
     return mangled
 
 
+def _cuobjdump():
+    nvcc_dir = os.path.dirname(_nvcc())
+    candidates = [os.path.join(nvcc_dir, "cuobjdump"), shutil.which("cuobjdump")]
+    try:
+        import triton  # noqa: F401  (its wheel bundles cuobjdump)
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and os.path.isfile(c)), None)
+
+
+MIX = ("HMMA", "LDSM", "LDS", "LD")
+
+
+def instruction_mix(obj: str) -> dict:
+    """``{kernel: {opcode: count}}`` for the opcodes in MIX, from the SASS in ``obj`` (empty without cuobjdump)."""
+    tool = _cuobjdump()
+    if tool is None:
+        return {}
+    sass = subprocess.run([tool, "-sass", obj], capture_output=True, text=True).stdout
+    mix = {}
+    for name, body in zip(*[iter(re.split(r"\s+Function : (\S+)", sass)[1:])] * 2):
+        ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]\s+)?([A-Z][A-Z0-9_]*)", body)
+        mix[_pretty(name)] = {op: ops.count(op) for op in MIX}
+    return mix
+
+
 def usage(source: str) -> list:
-    """``(kernel, registers, stack, spill stores, spill loads)`` for each kernel in ``source``."""
+    """``(kernel, registers, stack, spill stores, spill loads, instruction mix)`` per kernel in ``source``."""
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.run([_nvcc(), *FLAGS, *_includes(), "-c", source, "-o", os.path.join(tmp, "k.o")],
-                              capture_output=True, text=True)
+        obj = os.path.join(tmp, "k.o")
+        proc = subprocess.run([_nvcc(), *FLAGS, *_includes(), "-c", source, "-o", obj], capture_output=True, text=True)
+        mix = instruction_mix(obj) if proc.returncode == 0 else {}
     if proc.returncode != 0:
         sys.exit(f"nvcc failed on {source}:\n{proc.stderr[-4000:]}")
     rows, current = [], None
@@ -81,7 +113,8 @@ def usage(source: str) -> list:
             current.update(stack=int(spill.group(1)), st=int(spill.group(2)), ld=int(spill.group(3)))
         regs = re.search(r"Used (\d+) registers", line)
         if regs:
-            rows.append((current["kernel"], int(regs.group(1)), current["stack"], current["st"], current["ld"]))
+            rows.append((current["kernel"], int(regs.group(1)), current["stack"], current["st"], current["ld"],
+                         mix.get(current["kernel"], {})))
             current = None
     return rows
 
@@ -96,11 +129,13 @@ def main(argv=None) -> int:
         f"{datetime.date.today().isoformat()}",
         "# by scripts/cuda_sm90_ptxas.py on a machine without a GPU, sources as committed with this file. Template",
         "# flags: <dtype, ...> as in the kernels' templates. __launch_bounds__(256, 2) caps most kernels at 128",
-        "# registers; STACK/SPILL are bytes per thread (spills stay L1-resident).",
+        "# registers; STACK/SPILL are bytes per thread (spills stay L1-resident). HMMA / LDSM / LDS / LD: static",
+        "# SASS instruction counts (tensor-core mma, ldmatrix, shared and generic loads), where cuobjdump was found.",
     ]
     for source in sorted(glob.glob(os.path.join(CSRC, "*_kernels.cu"))):
-        for kernel, regs, stack, st, ld in sorted(usage(source)):
-            lines.append(f"{kernel:<45} REG:{regs:3d} STACK:{stack:3d} SPILL_ST:{st:3d} SPILL_LD:{ld:3d}")
+        for kernel, regs, stack, st, ld, mix in sorted(usage(source)):
+            counts = " ".join(f"{op}:{mix[op]:3d}" for op in MIX if op in mix)
+            lines.append(f"{kernel:<45} REG:{regs:3d} STACK:{stack:3d} SPILL_ST:{st:3d} SPILL_LD:{ld:3d} {counts}".rstrip())
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.write:

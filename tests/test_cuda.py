@@ -5,8 +5,8 @@ What runs where:
 - CPU, always (unless ``LSR_SKIP_CUDA_BUILD=1``, which skips everything that compiles csrc/):
   * the extension compiles with nvcc for sm_90 and loads (JIT build in a subprocess);
   * the kernels' own sources, built against the CPU emulation of csrc/cpu_emulation/ (block threads
-    as real threads, real barriers and shuffles, shared memory poisoned with NaN, wmma / cp.async
-    alignment checked), match the float64 reference for the loss and every gradient on awkward
+    as real threads, real barriers and shuffles, shared memory poisoned with NaN, ldmatrix and
+    mma.sync with the PTX ISA's per-lane fragment layouts, ldmatrix / cp.async alignment checked), match the float64 reference for the loss and every gradient on awkward
     shapes (N = 1, prime N, N over several blocks, D = 1, odd D, D over several D-chunks, a queue
     longer than the batch), every dtype, plus a float64 gradcheck, the op checks and the fake
     (meta) registrations used by torch.compile;
@@ -184,6 +184,28 @@ def test_extension_compiles_for_sm90_and_loads(tmp_path):
     assert "lsr_kernels::info_nce_fwd(Tensor a, Tensor b, Tensor scale, bool symmetric, int offset)" in proc.stdout
     assert "lsr_kernels::itc_bwd(" in proc.stdout
     assert list(tmp_path.glob("*.so")), "no shared library in the build directory"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SKIP_BUILD, reason="LSR_SKIP_CUDA_BUILD=1")
+def test_tensor_core_kernels_read_fragments_with_ldmatrix():
+    """The fp16/bf16 kernels' SASS for sm_90 (scripts/cuda_sm90_ptxas.py): products on tensor cores,
+    operands read from shared memory by ldmatrix, no generic loads (what an opaque fragment API such
+    as wmma compiled to: 48-128 per kernel, each slower than a shared-memory load)."""
+    if _nvcc() is None:
+        pytest.skip("nvcc not found (set CUDA_HOME)")
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import cuda_sm90_ptxas as ptxas
+    finally:
+        sys.path.pop(0)
+    if ptxas._cuobjdump() is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or Triton's bundled one)")
+    rows = ptxas.usage(str(REPO / "csrc" / "info_nce_kernels.cu"))
+    tensor_core = [(kernel, mix) for kernel, *_, mix in rows if "<bf16" in kernel or "<fp16" in kernel]
+    assert len(tensor_core) == 12, rows  # fwd x 2, bwd x 3, fwd_grad; bf16 and fp16
+    for kernel, mix in tensor_core:
+        assert mix["HMMA"] > 0 and mix["LDSM"] > 0 and mix["LD"] == 0, (kernel, mix)
 
 
 # ------------------------------------------------------------------------ CPU emulation tests

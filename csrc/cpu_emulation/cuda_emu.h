@@ -9,9 +9,11 @@
 //   (divergent synchronisation) aborts the process with a message instead of hanging.
 // - Shared memory starts as 0xFF bytes (NaN in every float type), so reading shared memory that was
 //   never written poisons the result; guard bytes around it catch writes past the requested size.
-// - wmma fragments hold the whole 16 x 16 tile in every lane (the real layout is opaque to the
-//   kernels anyway); loads and stores check the 256-bit pointer alignment and the ldm rules; the
-//   products are exact and accumulate in fp32, as on tensor cores.
+// - ldmatrix and mma.sync (m16n8k16) follow the PTX ISA's per-lane fragment layouts exactly: each
+//   lane holds only its own registers, and the warp exchanges them through per-thread slots, so a
+//   kernel that puts a value in the wrong lane or register gets a wrong result here as on a GPU.
+//   ldmatrix checks that every row address is 16-byte aligned and inside the block's shared memory;
+//   the products are exact and accumulate in fp32, as on tensor cores.
 // - cp.async is a synchronous 16-byte copy (or zero fill) that checks both addresses' alignment.
 #pragma once
 
@@ -23,6 +25,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -116,13 +119,16 @@ struct BlockState {
   explicit BlockState(int threads) : block(threads) {
     for (int w = 0; w < threads / 32; ++w) warps.emplace_back(new Barrier(32));
     shuffle.resize(threads);
+    fragments.resize(threads);
   }
   Barrier block;
   std::vector<std::unique_ptr<Barrier>> warps;
   std::vector<unsigned long long> shuffle;  // one 8-byte slot per thread
+  std::vector<std::array<uint32_t, 6>> fragments;  // mma.sync operands: a[4], b[2] per thread
   int vote_or = 0;                          // __syncthreads_or's accumulator (guarded by `block`)
   std::mutex vote_mutex;
   unsigned char* smem = nullptr;
+  size_t smem_bytes = 0;
 };
 
 inline thread_local BlockState* tl_block = nullptr;
@@ -163,6 +169,7 @@ void launch(void (*kernel)(Params), dim3 grid, dim3 block, size_t smem_bytes, co
         std::memset(buffer.get(), 0xFF, total);
         BlockState state(threads);
         state.smem = buffer.get() + kGuardBytes;
+        state.smem_bytes = smem_bytes;
         std::vector<std::thread> pool;
         pool.reserve(threads);
         for (int t = 0; t < threads; ++t) {
@@ -234,79 +241,73 @@ inline unsigned long long atomicCAS(unsigned long long* address, unsigned long l
   return old;
 }
 
-// ------------------------------------------------------------------------------------------ wmma
-namespace nvcuda {
-namespace wmma {
+// ------------------------------------------------------------------------------ ldmatrix / mma.sync
+namespace lsr_emu {
 
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-enum layout_t { mem_row_major, mem_col_major };
-
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-  static_assert(M == 16 && N == 16 && K == 16, "the kernels use m16n16k16 only");
-  float x[256];  // element (r, c) at x[16 r + c], whole tile in every lane
-};
-
-inline float emu_to_float(__half v) { return __half2float(v); }
-inline float emu_to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-inline float emu_to_float(float v) { return v; }
-
-inline void check_matrix_pointer(const void* p, unsigned ldm, size_t element_bytes) {
-  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) lsr_emu::fail("wmma: pointer not 256-bit aligned");
-  if ((ldm * element_bytes) % 16 != 0) lsr_emu::fail("wmma: ldm not a multiple of 16 bytes");
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane l gives the address of row l % 8 of matrix
+// l / 8 (eight 16-bit elements). Of matrix i, lane l receives in r[i] the elements (l / 4, 2 (l % 4))
+// and (l / 4, 2 (l % 4) + 1), the first in the low half; with .trans, those of the transposed
+// matrix: (2 (l % 4), l / 4) and (2 (l % 4) + 1, l / 4).
+inline void ldmatrix_x4(uint32_t r[4], const void* row, bool trans) {
+  BlockState& blk = *tl_block;
+  const auto* p = static_cast<const unsigned char*>(row);
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) fail("ldmatrix: row address not 16-byte aligned");
+  if (p < blk.smem || p + 16 > blk.smem + blk.smem_bytes) fail("ldmatrix: row outside the block's shared memory");
+  const unsigned me = thread_rank(), lane = me & 31u, base = me & ~31u;
+  blk.shuffle[me] = reinterpret_cast<uintptr_t>(p);
+  warp_barrier().arrive_and_wait("deadlock in ldmatrix (not all 32 lanes)");
+  auto element = [&](unsigned matrix, unsigned r8, unsigned c8) {
+    uint16_t v;
+    std::memcpy(&v, reinterpret_cast<const unsigned char*>(blk.shuffle[base + 8 * matrix + r8]) + 2 * c8, 2);
+    return static_cast<uint32_t>(v);
+  };
+  const unsigned g = lane / 4, t = lane % 4;
+  for (unsigned i = 0; i < 4; ++i) {
+    r[i] = trans ? element(i, 2 * t, g) | (element(i, 2 * t + 1, g) << 16)
+                 : element(i, g, 2 * t) | (element(i, g, 2 * t + 1) << 16);
+  }
+  warp_barrier().arrive_and_wait("deadlock in ldmatrix (not all 32 lanes)");
 }
 
-template <typename F>
-void fill_fragment(F& f, float value) {
-  for (float& e : f.x) e = value;
+inline float to_float(__half v) { return __half2float(v); }
+inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+inline float half_to_float(uint32_t reg, unsigned half) {
+  const uint16_t bits = static_cast<uint16_t>(reg >> (16 * half));
+  T v;
+  std::memcpy(&v, &bits, 2);
+  return to_float(v);
 }
 
-template <typename Use, typename T, typename Layout>
-void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
-  static_assert(std::is_same<Layout, row_major>::value || std::is_same<Layout, col_major>::value, "operand layout");
-  check_matrix_pointer(p, ldm, sizeof(T));
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c)
-      f.x[16 * r + c] = emu_to_float(std::is_same<Layout, row_major>::value ? p[r * ldm + c] : p[c * ldm + r]);
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: d += A[16 x 16] B[16 x 8] with, for lane l,
+// g = l / 4 and t = l % 4: a[0] = A(g, 2t..2t+1), a[1] = A(g+8, 2t..), a[2] = A(g, 2t+8..),
+// a[3] = A(g+8, 2t+8..); b[0] = B(2t..2t+1, g), b[1] = B(2t+8.., g); d = D(g, 2t), D(g, 2t+1),
+// D(g+8, 2t), D(g+8, 2t+1).
+template <typename T>
+inline void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+  BlockState& blk = *tl_block;
+  const unsigned me = thread_rank(), lane = me & 31u, base = me & ~31u;
+  blk.fragments[me] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  warp_barrier().arrive_and_wait("deadlock in mma.sync (not all 32 lanes)");
+  auto A = [&](unsigned row, unsigned k) {
+    const auto& f = blk.fragments[base + 4 * (row % 8) + (k % 8) / 2];
+    return half_to_float<T>(f[(row / 8) + 2 * (k / 8)], k % 2);
+  };
+  auto B = [&](unsigned k, unsigned col) {
+    const auto& f = blk.fragments[base + 4 * col + (k % 8) / 2];
+    return half_to_float<T>(f[4 + k / 8], k % 2);
+  };
+  const unsigned g = lane / 4, t = lane % 4;
+  float out[4];
+  for (unsigned e = 0; e < 4; ++e) {
+    const unsigned row = g + 8 * (e / 2), col = 2 * t + e % 2;
+    float acc = d[e];
+    for (unsigned k = 0; k < 16; ++k) acc = std::fma(A(row, k), B(k, col), acc);
+    out[e] = acc;
+  }
+  warp_barrier().arrive_and_wait("deadlock in mma.sync (not all 32 lanes)");
+  std::memcpy(d, out, sizeof(out));
 }
 
-template <typename TA, typename LA, typename TB, typename LB>
-void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, TA, LA>& a,
-              const fragment<matrix_b, 16, 16, 16, TB, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
-  float out[256];
-  for (int r = 0; r < 16; ++r)
-    for (int col = 0; col < 16; ++col) {
-      float acc = c.x[16 * r + col];
-      for (int k = 0; k < 16; ++k) acc = std::fma(a.x[16 * r + k], b.x[16 * k + col], acc);
-      out[16 * r + col] = acc;
-    }
-  std::memcpy(d.x, out, sizeof(out));
-}
-
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm,
-                             layout_t layout) {
-  check_matrix_pointer(p, ldm, sizeof(float));
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) f.x[16 * r + c] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
-}
-
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
-                              layout_t layout) {
-  check_matrix_pointer(p, ldm, sizeof(float));
-  if (lsr_emu::thread_rank() % 32 != 0) return;  // one lane writes; the kernels synchronise before reading
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) {
-      if (layout == mem_row_major) {
-        p[r * ldm + c] = f.x[16 * r + c];
-      } else {
-        p[c * ldm + r] = f.x[16 * r + c];
-      }
-    }
-}
-
-}  // namespace wmma
-}  // namespace nvcuda
+}  // namespace lsr_emu
