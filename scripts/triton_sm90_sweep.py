@@ -10,8 +10,12 @@ shared memory than an H100 block may have fails only at launch. This compiles wi
 ptxas for ``GPUTarget("cuda", 90, 32)`` (no device needed), as the GPU runtime specialises for
 contiguous inputs, and prints one line per build:
 
-    BUILT <kernel> <dtype> D=<D_PADDED> <flags> <config> REG:<n> STACK:<bytes> SMEM:<bytes>
+    BUILT <kernel> <dtype> D=<D_PADDED> <flags> <config> REG:<n> STACK:<bytes> SMEM:<bytes> MMA:<kind>
     FAILED <kernel> ... <error>
+
+MMA says how the kernel's ``tl.dot`` products were lowered: ``wgmma`` (Hopper's warp-group MMA),
+``mma`` (the sm_80 ``mma.sync`` path, a fraction of the H100's tensor-core rate) or ``fma`` (no tensor
+cores: the fp32 / fp64 kernels, whose products run in IEEE precision).
 
 Exit status 1 when a build fails or a config needs more than the sm_90 limit of shared memory.
 Must run without TRITON_INTERPRET (the script clears it before importing Triton).
@@ -111,6 +115,14 @@ def build(fn, signature: dict, constexprs: dict, cfg: triton.Config):
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
 
+def mma_kind(kernel) -> str:
+    """How the products were lowered, from the kernel's TritonGPU IR."""
+    ttgir = kernel.asm["ttgir"]
+    if "warp_group_dot" in ttgir:
+        return "wgmma"
+    return "mma" if "nvidia_mma<" in ttgir else "fma"
+
+
 def resource_usage(kernel) -> str:
     usage = ""
     if os.path.exists(CUOBJDUMP):
@@ -119,7 +131,7 @@ def resource_usage(kernel) -> str:
         out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
         os.unlink(f.name)
         usage = " ".join(w for w in out.split() if w.startswith(("REG:", "STACK:")))
-    return f"{usage} SMEM:{kernel.metadata.shared}".strip()
+    return f"{usage} SMEM:{kernel.metadata.shared} MMA:{mma_kind(kernel)}".strip()
 
 
 def jobs(all_configs: bool, dtypes, widths):

@@ -498,8 +498,9 @@ def test_fake_impls_give_shapes_only():
 def test_kernels_build_for_sm90_without_a_gpu():
     """The interpreter accepts things the GPU compiler does not: build the bf16 kernels for sm_90 with
     Triton's bundled ptxas (no device needed; scripts/triton_sm90_sweep.py, whose --all mode covers
-    every config). The info_nce kernels (the CLIP hot path's two and the one-way forward with the
-    gradient) must not spill registers in their first config."""
+    every config). Every bf16 kernel must reach Hopper's warp-group MMA (MMA:wgmma), and the info_nce
+    kernels (the CLIP hot path's two and the one-way forward with the gradient) must not spill
+    registers in their first config."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -508,6 +509,8 @@ def test_kernels_build_for_sm90_without_a_gpu():
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("BUILT")]
     assert len(lines) == 5, done.stdout
+    for line in lines:
+        assert line.endswith("MMA:wgmma"), f"not on warp-group MMA: {line}"
     for line in lines[:3]:
         assert "STACK:" not in line or "STACK:0" in line, f"register spills in an info_nce kernel: {line}"
 
