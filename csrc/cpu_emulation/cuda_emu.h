@@ -119,12 +119,22 @@ struct BlockState {
   explicit BlockState(int threads) : block(threads) {
     for (int w = 0; w < threads / 32; ++w) warps.emplace_back(new Barrier(32));
     shuffle.resize(threads);
-    fragments.resize(threads);
+    for (auto& bank : exchange) bank.resize(threads);
+    exchanges.resize(threads);
   }
   Barrier block;
   std::vector<std::unique_ptr<Barrier>> warps;
   std::vector<unsigned long long> shuffle;  // one 8-byte slot per thread
-  std::vector<std::array<uint32_t, 6>> fragments;  // mma.sync operands: a[4], b[2] per thread
+  // ldmatrix / mma.sync: each lane publishes its row address or operand registers in a slot, the
+  // warp meets at one barrier, and each lane reads the others' slots. Two banks, alternating per
+  // exchange, so a lane may fill its next slot while slower lanes still read this one (it cannot
+  // get two exchanges ahead: that needs the barrier of the next one, which they have not reached).
+  struct Slot {
+    const unsigned char* row;
+    uint32_t regs[6];  // mma.sync operands: a[4], b[2]
+  };
+  std::array<std::vector<Slot>, 2> exchange;
+  std::vector<unsigned> exchanges;  // per thread: warp exchanges so far (the bank's parity)
   int vote_or = 0;                          // __syncthreads_or's accumulator (guarded by `block`)
   std::mutex vote_mutex;
   unsigned char* smem = nullptr;
@@ -135,6 +145,10 @@ inline thread_local BlockState* tl_block = nullptr;
 
 inline unsigned char* block_shared_memory() { return tl_block->smem; }
 inline unsigned thread_rank() { return threadIdx.x; }
+// The bank of slots for this thread's next warp exchange (its own slot and the other lanes').
+inline std::vector<BlockState::Slot>& next_exchange_bank() {
+  return tl_block->exchange[tl_block->exchanges[thread_rank()]++ % 2];
+}
 inline Barrier& warp_barrier() { return *tl_block->warps[thread_rank() / 32]; }
 
 inline std::mutex& atomic_mutex() {
@@ -254,11 +268,12 @@ inline void ldmatrix_x4(uint32_t r[4], const void* row, bool trans) {
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) fail("ldmatrix: row address not 16-byte aligned");
   if (p < blk.smem || p + 16 > blk.smem + blk.smem_bytes) fail("ldmatrix: row outside the block's shared memory");
   const unsigned me = thread_rank(), lane = me & 31u, base = me & ~31u;
-  blk.shuffle[me] = reinterpret_cast<uintptr_t>(p);
+  auto& slots = next_exchange_bank();
+  slots[me].row = p;
   warp_barrier().arrive_and_wait("deadlock in ldmatrix (not all 32 lanes)");
   auto element = [&](unsigned matrix, unsigned r8, unsigned c8) {
     uint16_t v;
-    std::memcpy(&v, reinterpret_cast<const unsigned char*>(blk.shuffle[base + 8 * matrix + r8]) + 2 * c8, 2);
+    std::memcpy(&v, slots[base + 8 * matrix + r8].row + 2 * c8, 2);
     return static_cast<uint32_t>(v);
   };
   const unsigned g = lane / 4, t = lane % 4;
@@ -266,7 +281,6 @@ inline void ldmatrix_x4(uint32_t r[4], const void* row, bool trans) {
     r[i] = trans ? element(i, 2 * t, g) | (element(i, 2 * t + 1, g) << 16)
                  : element(i, g, 2 * t) | (element(i, g, 2 * t + 1) << 16);
   }
-  warp_barrier().arrive_and_wait("deadlock in ldmatrix (not all 32 lanes)");
 }
 
 inline float to_float(__half v) { return __half2float(v); }
@@ -286,28 +300,26 @@ inline float half_to_float(uint32_t reg, unsigned half) {
 // D(g+8, 2t), D(g+8, 2t+1).
 template <typename T>
 inline void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2]) {
-  BlockState& blk = *tl_block;
   const unsigned me = thread_rank(), lane = me & 31u, base = me & ~31u;
-  blk.fragments[me] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  auto& slots = next_exchange_bank();
+  uint32_t* mine = slots[me].regs;
+  for (int i = 0; i < 4; ++i) mine[i] = a[i];
+  mine[4] = b[0];
+  mine[5] = b[1];
   warp_barrier().arrive_and_wait("deadlock in mma.sync (not all 32 lanes)");
   auto A = [&](unsigned row, unsigned k) {
-    const auto& f = blk.fragments[base + 4 * (row % 8) + (k % 8) / 2];
-    return half_to_float<T>(f[(row / 8) + 2 * (k / 8)], k % 2);
+    return half_to_float<T>(slots[base + 4 * (row % 8) + (k % 8) / 2].regs[(row / 8) + 2 * (k / 8)], k % 2);
   };
   auto B = [&](unsigned k, unsigned col) {
-    const auto& f = blk.fragments[base + 4 * col + (k % 8) / 2];
-    return half_to_float<T>(f[4 + k / 8], k % 2);
+    return half_to_float<T>(slots[base + 4 * col + (k % 8) / 2].regs[4 + k / 8], k % 2);
   };
   const unsigned g = lane / 4, t = lane % 4;
-  float out[4];
   for (unsigned e = 0; e < 4; ++e) {
     const unsigned row = g + 8 * (e / 2), col = 2 * t + e % 2;
     float acc = d[e];
     for (unsigned k = 0; k < 16; ++k) acc = std::fma(A(row, k), B(k, col), acc);
-    out[e] = acc;
+    d[e] = acc;
   }
-  warp_barrier().arrive_and_wait("deadlock in mma.sync (not all 32 lanes)");
-  std::memcpy(d, out, sizeof(out));
 }
 
 }  // namespace lsr_emu
