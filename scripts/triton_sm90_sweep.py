@@ -14,8 +14,8 @@ contiguous inputs, and prints one line per build:
     FAILED <kernel> ... <error>
 
 MMA says how the kernel's ``tl.dot`` products were lowered: ``wgmma`` (Hopper's warp-group MMA),
-``mma`` (the sm_80 ``mma.sync`` path, a fraction of the H100's tensor-core rate) or ``fma`` (no tensor
-cores: the fp32 / fp64 kernels, whose products run in IEEE precision).
+``mma`` (``mma.sync``: for fp16 / bf16 the sm_80 path, a fraction of the H100's warp-group rate; for
+fp64 the double-precision tensor cores) or ``fma`` (no tensor cores: fp32 in IEEE precision).
 
 Exit status 1 when a build fails or a config needs more than the sm_90 limit of shared memory.
 Must run without TRITON_INTERPRET (the script clears it before importing Triton).
