@@ -11,7 +11,7 @@
 //
 // Two implementations of each, picked by the element type:
 //   fp16 / bf16: tensor cores through mma.sync m16n8k16 (fp32 accumulation) with operands read by
-//                ldmatrix from shared memory, staged with a two-stage cp.async pipeline (sm_80+).
+//                ldmatrix from shared memory, staged by a cp.async pipeline of 2-3 D-slices (sm_80+).
 //                The accumulator fragments have the PTX ISA's documented lane layout, so rescaling
 //                and storing them happens in registers.
 //   fp32 / fp64: plain FMA register tiling (16 x 16 threads, each a TM x TN micro-tile), so fp32
@@ -239,13 +239,18 @@ __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src
 #endif
 }
 __device__ __forceinline__ void cp_async_commit() {
-#if !defined(LSR_NO_SM80) && !defined(LSR_CPU_EMULATION)
+#if defined(LSR_CPU_EMULATION)
+  ::lsr_emu::cp_async_commit();
+#elif !defined(LSR_NO_SM80)
   asm volatile("cp.async.commit_group;\n" ::);
 #endif
 }
+// Waits until at most N of this thread's committed groups are still in flight.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-#if !defined(LSR_NO_SM80) && !defined(LSR_CPU_EMULATION)
+#if defined(LSR_CPU_EMULATION)
+  ::lsr_emu::cp_async_wait(N);
+#elif !defined(LSR_NO_SM80)
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 #endif
 }
@@ -356,7 +361,9 @@ __device__ __forceinline__ void load_block(T* dst, const T* src, int rows_valid,
 // Precondition: no thread still reads this GEMM's shared buffers or S (the caller synchronised).
 
 // ----------------------------------------------------------------- tensor cores (fp16 / bf16)
-template <typename T, int BM, int BN, int NA>
+// STAGES D-slices in flight (cp.async ring buffer): the next STAGES - 1 slices load while one is
+// multiplied, which hides an L2 round trip when a slice is little work (the 64 x 64 backward tiles).
+template <typename T, int BM, int BN, int NA, int STAGES>
 struct TcTileGemm {
   static constexpr int BK = 32;       // D-slice per pipeline stage
   static constexpr int LDK = BK + 8;  // 80-byte rows: 16-byte aligned cp.async and ldmatrix rows, and
@@ -366,15 +373,16 @@ struct TcTileGemm {
   static constexpr int FM = WM / 16, FN = WN / 16;  // 16 x 16 blocks per warp; FN pairs of n8 mma tiles
   static_assert(WARPS_M * WARPS_N == kWarps, "8 warps");
   static_assert(WM % 16 == 0 && WN % 16 == 0, "warp tile is a multiple of 16 x 16");
+  static_assert(STAGES >= 2, "a slice loads while another is multiplied");
   static constexpr int kStageA = BM * LDK, kStageB = BN * LDK;  // elements
-  static constexpr size_t kSmemBytes = sizeof(T) * (2 * NA * kStageA + 2 * kStageB);
+  static constexpr size_t kSmemBytes = sizeof(T) * STAGES * (NA * kStageA + kStageB);
 
   template <typename acc_t>
   __device__ static void run(const T* const* A, int a_rows, const T* B, int b_rows, int D, bool vec, T* smem,
                              acc_t* const* S, int lds) {
     static_assert(std::is_same<acc_t, float>::value, "tensor cores accumulate in fp32");
-    auto stage_a = [&](int a, int st) { return smem + (a * 2 + st) * kStageA; };
-    auto stage_b = [&](int st) { return smem + 2 * NA * kStageA + st * kStageB; };
+    auto stage_a = [&](int a, int st) { return smem + (a * STAGES + st) * kStageA; };
+    auto stage_b = [&](int st) { return smem + STAGES * NA * kStageA + st * kStageB; };
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int wm = warp / WARPS_N, wn = warp % WARPS_N;
 
@@ -398,15 +406,21 @@ struct TcTileGemm {
     const int b_off = (wn * WN + FragBt::row(lane)) * LDK + FragBt::col(lane);
 
     const int nk = ceil_div(D, BK);
-    load_stage(0, 0);
-    cp_async_commit();
+    // One commit group per slice, empty past the last, so "all but the newest STAGES - 2 groups"
+    // always includes slice kc (and any group the caller committed before, e.g. RowGemm's prefetch).
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+      if (st < nk) load_stage(st, st);
+      cp_async_commit();
+    }
     for (int kc = 0; kc < nk; ++kc) {
-      // The stage written here was last read in iteration kc - 1, which ended with a barrier.
-      if (kc + 1 < nk) load_stage((kc + 1) & 1, kc + 1);
-      cp_async_commit();    // possibly empty: keeps "all but the newest group" = chunk kc
-      cp_async_wait<1>();
+      cp_async_wait<STAGES - 2>();
+      // Slice kc has landed for every thread, and every thread is done with slice kc - 1, whose
+      // stage the load below refills.
       __syncthreads();
-      const int st = kc & 1;
+      if (kc + STAGES - 1 < nk) load_stage((kc + STAGES - 1) % STAGES, kc + STAGES - 1);
+      cp_async_commit();
+      const int st = kc % STAGES;
 #pragma unroll
       for (int kk = 0; kk < BK; kk += 16) {
         uint32_t bf[FN][4];  // B^T's rows n are the stage's rows: columns n of the product
@@ -426,7 +440,6 @@ struct TcTileGemm {
           }
         }
       }
-      __syncthreads();
     }
     // Lane (g, t) holds S(g, 2t..2t+1) and S(g + 8, 2t..2t+1) of each 16 x 8 tile.
     const int g = lane >> 2, t = lane & 3;
@@ -446,7 +459,7 @@ struct TcTileGemm {
 };
 
 // ------------------------------------------------------------------------- FMA (fp32 / fp64)
-template <typename T, int BM, int BN, int NA>
+template <typename T, int BM, int BN, int NA>  // synchronous loads: no pipeline stages
 struct FmaTileGemm {
   static constexpr int BK = 16;
   static constexpr int LDK = BK + 1;  // odd stride: the 16 rows a half-warp reads hit 16 banks
@@ -499,8 +512,8 @@ struct FmaTileGemm {
   }
 };
 
-template <typename T, int BM, int BN, int NA>
-using TileGemm = typename std::conditional<Types<T>::kTensorCore, TcTileGemm<T, BM, BN, NA>,
+template <typename T, int BM, int BN, int NA, int STAGES = 2>
+using TileGemm = typename std::conditional<Types<T>::kTensorCore, TcTileGemm<T, BM, BN, NA, STAGES>,
                                            FmaTileGemm<T, BM, BN, NA>>::type;
 
 // ==================================================================================== RowGemm
@@ -690,7 +703,9 @@ struct RowBwdLayout {
   static constexpr int BN = BM;
   static constexpr int kTPR = kThreads / BM;
   static constexpr int LDS = BN + 4;
-  using Gemm1 = TileGemm<T, BM, BN, NA>;
+  // Three slices in flight: a 64 x 64 x 32 slice is 8 mma.sync per warp, too little to cover an L2
+  // round trip with one slice loading; the forward's 128 x 128 slices do 4x more and keep two.
+  using Gemm1 = TileGemm<T, BM, BN, NA, 3>;
   using Gemm2 = RowGemm<T, BM, BN>;
   static constexpr size_t kOffS = align_up(Gemm1::kSmemBytes);
   static constexpr size_t kOffG2 = align_up(kOffS + sizeof(acc_t) * NA * BM * LDS);

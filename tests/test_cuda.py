@@ -6,7 +6,8 @@ What runs where:
   * the extension compiles with nvcc for sm_90 and loads (JIT build in a subprocess);
   * the kernels' own sources, built against the CPU emulation of csrc/cpu_emulation/ (block threads
     as real threads, real barriers and shuffles, shared memory poisoned with NaN, ldmatrix and
-    mma.sync with the PTX ISA's per-lane fragment layouts, ldmatrix / cp.async alignment checked), match the float64 reference for the loss and every gradient on awkward
+    mma.sync with the PTX ISA's per-lane fragment layouts, ldmatrix / cp.async alignment checked,
+    cp.async copies landing at once or, in one test, as late as the ISA allows), match the float64 reference for the loss and every gradient on awkward
     shapes (N = 1, prime N, N over several blocks, D = 1, odd D, D over several D-chunks, a queue
     longer than the batch), every dtype, plus a float64 gradcheck, the op checks and the fake
     (meta) registrations used by torch.compile;
@@ -240,6 +241,22 @@ def test_emulated_info_nce(emu, n, d, dtype, symmetric):
 ], ids=["fp32-blocks", "bf16-blocks", "fp32-dchunks", "bf16-dchunks", "fp64-blocks", "bf16-staggered"])
 def test_emulated_info_nce_multi_block(emu, dtype, n, d):
     run_info_nce_parity(emu, n, d, dtype, True, "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("primitive", ["info_nce-sym", "info_nce-one-way", "exp_gram", "itc"])
+def test_emulated_pipeline_with_late_copies(emu, monkeypatch, primitive):
+    """The tensor-core GEMMs keep 2-3 D-slices of cp.async loads in flight. Here every copy lands as
+    late as the PTX ISA allows (at the wait that retires its group), so a slice read before its wait
+    reads stale data; the default emulation lands copies at once, which exposes the opposite mistake
+    (refilling a stage another warp still reads). D = 160: 5 slices, around the 3-stage ring."""
+    monkeypatch.setenv("LSR_EMU_CP_ASYNC", "deferred")
+    if primitive.startswith("info_nce"):
+        run_info_nce_parity(emu, 70, 160, torch.bfloat16, primitive == "info_nce-sym", "cpu")
+    elif primitive == "exp_gram":
+        run_exp_gram_parity(emu, 70, 160, torch.float16, "cpu")
+    else:
+        run_itc_parity(emu, 20, 30, 160, torch.bfloat16, "cpu")
 
 
 def _spread_rows(n, d, dtype, wide_side):

@@ -14,7 +14,11 @@
 //   kernel that puts a value in the wrong lane or register gets a wrong result here as on a GPU.
 //   ldmatrix checks that every row address is 16-byte aligned and inside the block's shared memory;
 //   the products are exact and accumulate in fp32, as on tensor cores.
-// - cp.async is a synchronous 16-byte copy (or zero fill) that checks both addresses' alignment.
+// - cp.async checks both addresses' alignment and, by default, copies (or zero-fills) its 16 bytes at
+//   once: the earliest a GPU may land it, which exposes a copy into a buffer other threads still read.
+//   With LSR_EMU_CP_ASYNC=deferred in the environment (read at each launch) it lands as late as the
+//   PTX ISA allows: at the cp.async.wait_group that retires its group (or the kernel's end), which
+//   exposes a read of data that no wait has yet made complete.
 #pragma once
 
 #ifndef LSR_CPU_EMULATION
@@ -121,6 +125,8 @@ struct BlockState {
     shuffle.resize(threads);
     for (auto& bank : exchange) bank.resize(threads);
     exchanges.resize(threads);
+    committed.resize(threads);
+    open_group.resize(threads);
   }
   Barrier block;
   std::vector<std::unique_ptr<Barrier>> warps;
@@ -135,6 +141,14 @@ struct BlockState {
   };
   std::array<std::vector<Slot>, 2> exchange;
   std::vector<unsigned> exchanges;  // per thread: warp exchanges so far (the bank's parity)
+  // Deferred cp.async: per thread, its committed groups (oldest first) and the group being filled.
+  struct Copy {
+    void* dst;
+    unsigned char bytes[16];
+  };
+  bool defer_copies = false;
+  std::vector<std::vector<std::vector<Copy>>> committed;
+  std::vector<std::vector<Copy>> open_group;
   int vote_or = 0;                          // __syncthreads_or's accumulator (guarded by `block`)
   std::mutex vote_mutex;
   unsigned char* smem = nullptr;
@@ -159,10 +173,27 @@ inline std::mutex& atomic_mutex() {
 inline void cp_async_16(void* dst, const void* src, bool valid) {
   if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) fail("cp.async: shared-memory destination not 16-byte aligned");
   if (valid && reinterpret_cast<uintptr_t>(src) % 16 != 0) fail("cp.async: global source not 16-byte aligned");
-  if (valid) {
-    std::memcpy(dst, src, 16);
+  BlockState::Copy copy{dst, {}};
+  if (valid) std::memcpy(copy.bytes, src, 16);  // global inputs do not change during a launch
+  if (tl_block->defer_copies) {
+    tl_block->open_group[thread_rank()].push_back(copy);
   } else {
-    std::memset(dst, 0, 16);
+    std::memcpy(dst, copy.bytes, 16);
+  }
+}
+
+inline void cp_async_commit() {
+  const unsigned me = thread_rank();
+  tl_block->committed[me].push_back(std::move(tl_block->open_group[me]));
+  tl_block->open_group[me].clear();
+}
+
+// Lands this thread's committed groups but the newest `pending` (cp.async.wait_group pending).
+inline void cp_async_wait(int pending) {
+  auto& groups = tl_block->committed[thread_rank()];
+  while (static_cast<int>(groups.size()) > pending) {
+    for (const auto& copy : groups.front()) std::memcpy(copy.dst, copy.bytes, 16);
+    groups.erase(groups.begin());
   }
 }
 
@@ -175,6 +206,8 @@ void launch(void (*kernel)(Params), dim3 grid, dim3 block, size_t smem_bytes, co
   if (block.y != 1 || block.z != 1 || threads % 32 != 0) fail("launch: blocks must be 1-D with whole warps");
   if (smem_bytes > kSharedMemoryLimit) fail("launch: more dynamic shared memory than sm_80 allows");
   const size_t total = smem_bytes + 2 * kGuardBytes;
+  const char* mode = std::getenv("LSR_EMU_CP_ASYNC");
+  const bool defer_copies = mode != nullptr && std::strcmp(mode, "deferred") == 0;
   for (unsigned bz = 0; bz < grid.z; ++bz) {
     for (unsigned by = 0; by < grid.y; ++by) {
       for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -184,6 +217,7 @@ void launch(void (*kernel)(Params), dim3 grid, dim3 block, size_t smem_bytes, co
         BlockState state(threads);
         state.smem = buffer.get() + kGuardBytes;
         state.smem_bytes = smem_bytes;
+        state.defer_copies = defer_copies;
         std::vector<std::thread> pool;
         pool.reserve(threads);
         for (int t = 0; t < threads; ++t) {
@@ -194,6 +228,8 @@ void launch(void (*kernel)(Params), dim3 grid, dim3 block, size_t smem_bytes, co
             gridDim = grid;
             tl_block = &state;
             kernel(params);
+            cp_async_commit();
+            cp_async_wait(0);  // what a thread left in flight still lands (inside the guard check)
             tl_block = nullptr;
           });
         }
