@@ -71,7 +71,9 @@ FORWARD_CONFIGS = [
     tile_config(128, 64, 64, 8, 3),
     tile_config(64, 64, 32, 4, 3),
     tile_config(128, 64, 64, 4, 3),
-]# The backward holds an fp32 [BLOCK_M, BLOCK_DO] slice of dq in registers (see _common): 64 x 256 is
+]
+
+# The backward holds an fp32 [BLOCK_M, BLOCK_DO] slice of dq in registers (see _common): 64 x 256 is
 # the no-spill workhorse, 64 x 512 trades a small spill for no tile recompute at D = 512, and the
 # 128-row / 64 x 128 ones serve narrow D and fp32 (FMA) products. _common.prune_configs drops what
 # would spill badly for the dtype.
