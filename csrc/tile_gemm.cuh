@@ -357,7 +357,8 @@ __device__ __forceinline__ void load_block(T* dst, const T* src, int rows_valid,
 // =================================================================================== TileGemm
 // S[a][BM][lds] = A[a][0:BM, :] . B[0:BN, :]^T for a < NA operands A (sharing the loads of B).
 // A[a] and B point at the first row of the block; a_rows / b_rows rows are valid.
-// On return S is written (per warp); the caller synchronises before reading other warps' parts.
+// On return S is written (per warp) and other warps may still be reading the last D-slice: the
+// caller synchronises before reading other warps' parts of S, and before the next run.
 // Precondition: no thread still reads this GEMM's shared buffers or S (the caller synchronised).
 
 // ----------------------------------------------------------------- tensor cores (fp16 / bf16)
