@@ -135,7 +135,8 @@ def main(argv=None) -> int:
     for source in sorted(glob.glob(os.path.join(CSRC, "*_kernels.cu"))):
         for kernel, regs, stack, st, ld, mix in sorted(usage(source)):
             counts = " ".join(f"{op}:{mix[op]:3d}" for op in MIX if op in mix)
-            lines.append(f"{kernel:<45} REG:{regs:3d} STACK:{stack:3d} SPILL_ST:{st:3d} SPILL_LD:{ld:3d} {counts}".rstrip())
+            usage_ = f"REG:{regs:3d} STACK:{stack:3d} SPILL_ST:{st:3d} SPILL_LD:{ld:3d}"
+            lines.append(f"{kernel:<45} {usage_} {counts}".rstrip())
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.write:

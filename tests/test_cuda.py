@@ -7,10 +7,12 @@ What runs where:
   * the kernels' own sources, built against the CPU emulation of csrc/cpu_emulation/ (block threads
     as real threads, real barriers and shuffles, shared memory poisoned with NaN, ldmatrix and
     mma.sync with the PTX ISA's per-lane fragment layouts, ldmatrix / cp.async alignment checked,
-    cp.async copies landing at once or, in one test, as late as the ISA allows), match the float64 reference for the loss and every gradient on awkward
-    shapes (N = 1, prime N, N over several blocks, D = 1, odd D, D over several D-chunks, a queue
-    longer than the batch), every dtype, plus a float64 gradcheck, the op checks and the fake
-    (meta) registrations used by torch.compile;
+    cp.async copies landing at once or, in one test, as late as the ISA allows), match the float64
+    reference for the loss and every gradient on awkward shapes (N = 1, prime N, N over several
+    blocks, D = 1, odd D, D over several D-chunks, a queue longer than the batch), every dtype, plus a
+    float64 gradcheck, the op checks and the fake (meta) registrations used by torch.compile;
+  * the emulation's ldmatrix and mma.sync against the PTX ISA's fragment tables, transcribed in the
+    test on their own;
   * without the extension, the primitives raise a RuntimeError that says how to build it.
 - GPU (marker ``gpu``; ``LSR_TEST_GPU=1`` and CUDA): the same parity on the real kernels in fp32 /
   fp16 / bf16 (D = 1024 included), fp64 gradcheck, bad arguments passed straight to the C++ ops
@@ -220,6 +222,49 @@ def emu():
 
 
 ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def _bf16_bits(x):
+    """float64 values (exact in bf16) -> their bf16 bit patterns as Python ints."""
+    return x.to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def _pack(lo, hi):
+    """Two 16-bit patterns -> one 32-bit register as a signed int32 value (low half first)."""
+    word = int(lo) | (int(hi) << 16)
+    return word - (1 << 32) if word >= 1 << 31 else word
+
+
+def test_emulated_fragments_follow_the_ptx_isa(emu):
+    """The emulation's ldmatrix and mma.sync against the PTX ISA's tables, transcribed here on their own
+    (the kernels and the emulation are written to the same tables, so the kernel tests alone would
+    not notice both being wrong alike). groupID g = lane >> 2, threadID_in_group t = lane % 4:
+      ldmatrix .m8n8.x4.b16: lane l gets, of matrix i, row l / 4, elements 2 (l % 4) and 2 (l % 4) + 1
+      (.trans: the transposed matrix's); mma.m16n8k16 .bf16: a_i at row g (i in 0, 1, 4, 5) else g + 8,
+      column 2t + (i & 1) (+ 8 for i >= 4); b_i at row 2t + (i & 1) (+ 8 for i >= 2), column g;
+      c_i at row g (i < 2) else g + 8, column 2t + (i & 1)."""
+    matrices = torch.arange(256, dtype=torch.int16)  # matrix i, row r, column c holds 64 i + 8 r + c
+    gen = torch.Generator().manual_seed(5)
+    A = torch.randint(-8, 9, (16, 16), generator=gen).double() / 4  # exact in bf16, exact products
+    B = torch.randint(-8, 9, (16, 8), generator=gen).double() / 4
+    a_bits, b_bits = _bf16_bits(A), _bf16_bits(B)
+    a_regs, b_regs = torch.zeros(32, 4, dtype=torch.int32), torch.zeros(32, 2, dtype=torch.int32)
+    for lane in range(32):
+        g, t = lane >> 2, lane % 4
+        a_elem = [a_bits[g if i in (0, 1, 4, 5) else g + 8, 2 * t + (i & 1) + (8 if i >= 4 else 0)] for i in range(8)]
+        b_elem = [b_bits[2 * t + (i & 1) + (8 if i >= 2 else 0), g] for i in range(4)]
+        a_regs[lane] = torch.tensor([_pack(a_elem[2 * r], a_elem[2 * r + 1]) for r in range(4)], dtype=torch.int32)
+        b_regs[lane] = torch.tensor([_pack(b_elem[2 * r], b_elem[2 * r + 1]) for r in range(2)], dtype=torch.int32)
+    loaded, loaded_trans, d = emu.ops.fragment_probe(matrices, a_regs, b_regs)
+
+    element = lambda i, r, c: 64 * i + 8 * r + c  # noqa: E731
+    product = A @ B
+    for lane in range(32):
+        g, t = lane >> 2, lane % 4
+        for i in range(4):
+            assert loaded[lane, i].item() == _pack(element(i, g, 2 * t), element(i, g, 2 * t + 1)), (lane, i)
+            assert loaded_trans[lane, i].item() == _pack(element(i, 2 * t, g), element(i, 2 * t + 1, g)), (lane, i)
+            assert d[lane, i].item() == product[g if i < 2 else g + 8, 2 * t + (i & 1)].item(), (lane, i)
 
 
 @pytest.mark.slow

@@ -52,7 +52,8 @@ _OP_NAMES = ("info_nce_fwd", "info_nce_bwd", "info_nce_fwd_grad", "exp_gram_fwd"
 _OP_SOURCES = ("info_nce.cpp", "info_nce_kernels.cu", "exp_gram.cpp", "exp_gram_kernels.cu", "itc.cpp",
                "itc_kernels.cu")
 _EMULATION_SOURCES = ("info_nce.cpp", "exp_gram.cpp", "itc.cpp", "cpu_emulation/emu_info_nce_kernels.cpp",
-                      "cpu_emulation/emu_exp_gram_kernels.cpp", "cpu_emulation/emu_itc_kernels.cpp")
+                      "cpu_emulation/emu_exp_gram_kernels.cpp", "cpu_emulation/emu_itc_kernels.cpp",
+                      "cpu_emulation/emu_fragment_probe.cpp")
 #: Architectures the JIT build targets when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible
 #: (as setup.py: A100, H100 / H200, and PTX for newer GPUs).
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
