@@ -336,6 +336,10 @@ __device__ __forceinline__ void load_block(T* dst, const T* src, int rows_valid,
       constexpr int kVec = 8;
       constexpr int kVecPerRow = COLS / kVec;
       static_assert(COLS % kVec == 0 && (LDD * sizeof(T)) % 16 == 0, "16-byte rows");
+      // Not unrolled: unrolled, the compiler hoists every iteration's addresses out of the kernels'
+      // column-tile loops and holds them there, and at the 128-register cap those spill (sm_90 ptxas:
+      // 60-204 bytes per thread in the info_nce backward, rolled 0-28).
+#pragma unroll 1
       for (int v = threadIdx.x; v < ROWS * kVecPerRow; v += kThreads) {
         const int r = v / kVecPerRow;
         const int cc = (v % kVecPerRow) * kVec;
