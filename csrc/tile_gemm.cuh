@@ -324,6 +324,11 @@ struct FragBTrans {
   __device__ static int row(int lane) { return (lane & 7) + (((lane >> 3) & 1) << 3); }
   __device__ static int col(int lane) { return (lane >> 4) * 8; }
 };
+// Where element e (0-3) of lane `lane`'s accumulator d sits in its 16 x 8 tile.
+struct FragC {
+  __device__ static int row(int lane, int e) { return (lane >> 2) + 8 * (e >> 1); }
+  __device__ static int col(int lane, int e) { return 2 * (lane & 3) + (e & 1); }
+};
 
 // Copies src[0:ROWS, col0:col0+COLS] of a row-major matrix with D columns into dst[ROWS][LDD]
 // (shared memory); rows >= rows_valid and columns >= D become zeros. `vec` (2-byte types only):
@@ -446,20 +451,16 @@ struct TcTileGemm {
         }
       }
     }
-    // Lane (g, t) holds S(g, 2t..2t+1) and S(g + 8, 2t..2t+1) of each 16 x 8 tile.
-    const int g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int a = 0; a < NA; ++a)
 #pragma unroll
       for (int i = 0; i < FM; ++i)
 #pragma unroll
-        for (int j = 0; j < 2 * FN; ++j) {
-          float* out = S[a] + (wm * WM + 16 * i + g) * lds + wn * WN + 8 * j + 2 * t;
-          out[0] = acc[a][i][j][0];
-          out[1] = acc[a][i][j][1];
-          out[8 * lds] = acc[a][i][j][2];
-          out[8 * lds + 1] = acc[a][i][j][3];
-        }
+        for (int j = 0; j < 2 * FN; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            S[a][(wm * WM + 16 * i + FragC::row(lane, e)) * lds + wn * WN + 8 * j + FragC::col(lane, e)] =
+                acc[a][i][j][e];
   }
 };
 
@@ -541,7 +542,7 @@ struct TcRowGemm {
   static_assert(BM % 16 == 0 && BN % 16 == 0, "16 x 16 fragments");
   static constexpr size_t kSmemBytes = sizeof(T) * (BN * LDB2 + BM * LDH);
 
-  float acc[FM][2 * F][4];  // 16 x 8 tiles: rows 16 i + {g, g + 8}, columns 8 j + 2 t + {0, 1}
+  float acc[FM][2 * F][4];  // 16 x 8 tiles at rows 16 i, columns 8 j of the warp's (FragC inside each)
   T* sB2;
   T* sH;
 
@@ -589,24 +590,18 @@ struct TcRowGemm {
 
   // acc[r][:] *= factors[r] for the BM rows (factors in shared memory).
   __device__ void scale_rows(const float* factors) {
-    const int g = (threadIdx.x & 31) >> 2;
+    const int lane = threadIdx.x & 31;
 #pragma unroll
-    for (int i = 0; i < FM; ++i) {
-      const float lo = factors[16 * i + g], hi = factors[16 * i + g + 8];
+    for (int i = 0; i < FM; ++i)
 #pragma unroll
-      for (int j = 0; j < 2 * F; ++j) {
-        acc[i][j][0] *= lo;
-        acc[i][j][1] *= lo;
-        acc[i][j][2] *= hi;
-        acc[i][j][3] *= hi;
-      }
-    }
+      for (int j = 0; j < 2 * F; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][j][e] *= factors[16 * i + FragC::row(lane, e)];
   }
 
   template <class Out>
   __device__ void store(int a_rows, int d0, int D, Out out) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int g = lane >> 2, t = lane & 3;
     const int n0 = d0 + warp * 16 * F;
     if (n0 >= D) return;  // warp-uniform: these columns are padding
 #pragma unroll
@@ -615,7 +610,7 @@ struct TcRowGemm {
       for (int j = 0; j < 2 * F; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int row = 16 * i + g + 8 * (e >> 1), col = n0 + 8 * j + 2 * t + (e & 1);
+          const int row = 16 * i + FragC::row(lane, e), col = n0 + 8 * j + FragC::col(lane, e);
           if (row < a_rows && col < D) out(row, col, acc[i][j][e]);
         }
   }

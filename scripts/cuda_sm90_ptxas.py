@@ -69,7 +69,7 @@ def _cuobjdump():
     nvcc_dir = os.path.dirname(_nvcc())
     candidates = [os.path.join(nvcc_dir, "cuobjdump"), shutil.which("cuobjdump")]
     try:
-        import triton  # noqa: F401  (its wheel bundles cuobjdump)
+        import triton  # its wheel bundles cuobjdump
         candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
     except ImportError:
         pass
@@ -135,8 +135,8 @@ def main(argv=None) -> int:
     for source in sorted(glob.glob(os.path.join(CSRC, "*_kernels.cu"))):
         for kernel, regs, stack, st, ld, mix in sorted(usage(source)):
             counts = " ".join(f"{op}:{mix[op]:3d}" for op in MIX if op in mix)
-            usage_ = f"REG:{regs:3d} STACK:{stack:3d} SPILL_ST:{st:3d} SPILL_LD:{ld:3d}"
-            lines.append(f"{kernel:<45} {usage_} {counts}".rstrip())
+            resources = f"REG:{regs:3d} STACK:{stack:3d} SPILL_ST:{st:3d} SPILL_LD:{ld:3d}"
+            lines.append(f"{kernel:<45} {resources} {counts}".rstrip())
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.write:

@@ -33,6 +33,7 @@
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <deque>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -147,7 +148,7 @@ struct BlockState {
     unsigned char bytes[16];
   };
   bool defer_copies = false;
-  std::vector<std::vector<std::vector<Copy>>> committed;
+  std::vector<std::deque<std::vector<Copy>>> committed;
   std::vector<std::vector<Copy>> open_group;
   int vote_or = 0;                          // __syncthreads_or's accumulator (guarded by `block`)
   std::mutex vote_mutex;
@@ -193,7 +194,7 @@ inline void cp_async_wait(int pending) {
   auto& groups = tl_block->committed[thread_rank()];
   while (static_cast<int>(groups.size()) > pending) {
     for (const auto& copy : groups.front()) std::memcpy(copy.dst, copy.bytes, 16);
-    groups.erase(groups.begin());
+    groups.pop_front();
   }
 }
 

@@ -15,7 +15,8 @@ kernels (see ``csrc/*_kernels.cu``) are registered with the dispatcher as ``torc
 =====================  ========================================================================
 
 No ``N x N`` (or ``N x (N + K)``) buffer exists in any forward or backward. fp16 / bf16 use tensor
-cores (``ldmatrix`` + ``mma.sync`` m16n8k16, fp32 accumulation, sm_80+); fp32 and fp64 use FMA kernels (fp64 for gradcheck).
+cores (``ldmatrix`` + ``mma.sync`` m16n8k16, fp32 accumulation, sm_80+); fp32 and fp64 use FMA
+kernels (fp64 for gradcheck).
 
 The compiled library is loaded inside a guard (xformers' ``_cpp_lib.py`` pattern): importing this
 module never fails for lack of it. :data:`HAS_CUDA_EXT` says whether the ops are available; calling
