@@ -480,6 +480,37 @@ def test_torch_compile_traces_the_custom_ops(cpu):
         assert rel_err(g, h) < 1e-6
 
 
+def _check_compiled_training_step(dev, n, d, in_dim):
+    """torch.compile(fullgraph=True) with inductor: projection heads + the three custom ops, one step,
+    against eager for the loss and every parameter's gradient (the logit scale's included)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    heads = [torch.nn.Linear(in_dim, d, device=dev) for _ in range(2)]
+    x_img, x_txt = torch.randn(n, in_dim, device=dev), torch.randn(n, in_dim, device=dev)
+    q_m, bank = unit_rows(n, d, device=dev, requires_grad=False), unit_rows(3 * n, d, device=dev, requires_grad=False)
+    log_scale = torch.tensor(2.6, device=dev, requires_grad=True)
+
+    def step(x_img, x_txt):
+        v = torch.nn.functional.normalize(heads[0](x_img), dim=-1)
+        t = torch.nn.functional.normalize(heads[1](x_txt), dim=-1)
+        return _training_objective(v, t, q_m, bank, log_scale.exp())
+
+    params = [*heads[0].parameters(), *heads[1].parameters(), log_scale]
+    eager = step(x_img, x_txt)
+    g_eager = torch.autograd.grad(eager, params)
+    compiled = torch.compile(step, fullgraph=True)(x_img, x_txt)
+    g_compiled = torch.autograd.grad(compiled, params)
+    assert rel_err(compiled, eager) < 1e-5
+    for g, h in zip(g_compiled, g_eager):
+        assert rel_err(g, h) < 1e-4
+
+
+@pytest.mark.slow
+def test_inductor_compiles_a_training_step(cpu):
+    """The default backend (inductor, C++ on CPU) lowers around the custom ops without a graph break."""
+    _check_compiled_training_step("cpu", n=24, d=16, in_dim=8)
+
+
 def test_fake_impls_give_shapes_only():
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
@@ -662,28 +693,7 @@ def test_gpu_every_autotune_config(cuda_device, family, index):
 @pytest.mark.gpu
 @pytest.mark.gpu_cost(60)
 def test_gpu_compiled_training_step(cuda_device):
-    """torch.compile(fullgraph=True) with inductor: projection heads + the three custom ops, one step."""
-    torch._dynamo.reset()
-    dev, n, d = cuda_device, 512, 256
-    torch.manual_seed(0)
-    heads = [torch.nn.Linear(64, d, device=dev) for _ in range(2)]
-    x_img, x_txt = torch.randn(n, 64, device=dev), torch.randn(n, 64, device=dev)
-    q_m, bank = unit_rows(n, d, device=dev, requires_grad=False), unit_rows(3 * n, d, device=dev, requires_grad=False)
-    log_scale = torch.tensor(2.6, device=dev, requires_grad=True)
-
-    def step(x_img, x_txt):
-        v = torch.nn.functional.normalize(heads[0](x_img), dim=-1)
-        t = torch.nn.functional.normalize(heads[1](x_txt), dim=-1)
-        return _training_objective(v, t, q_m, bank, log_scale.exp())
-
-    params = [*heads[0].parameters(), *heads[1].parameters(), log_scale]
-    eager = step(x_img, x_txt)
-    g_eager = torch.autograd.grad(eager, params)
-    compiled = torch.compile(step, fullgraph=True)(x_img, x_txt)
-    g_compiled = torch.autograd.grad(compiled, params)
-    assert rel_err(compiled, eager) < 1e-5
-    for g, h in zip(g_compiled, g_eager):
-        assert rel_err(g, h) < 1e-4
+    _check_compiled_training_step(cuda_device, n=512, d=256, in_dim=64)
 
 
 @pytest.mark.gpu
