@@ -554,14 +554,17 @@ def test_emulated_fake_registrations(emu):
 
 
 @pytest.mark.slow
-def test_emulated_primitives_trace_with_torch_compile(emu):
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_emulated_primitives_trace_with_torch_compile(emu, backend):
+    """fullgraph: the ops' fake registrations and autograd trace; inductor also lowers around them."""
+    torch._dynamo.reset()
     a, b = _unit(9, 6, torch.float32, "cpu"), _unit(9, 6, torch.float32, "cpu")
     s = _scale(5.0, torch.float32, "cpu")
 
     def loss_fn(a, b, s):
         return emu.info_nce(a, b, s, True) + 0.1 * emu.exp_gram_sum(a, 2.0)
 
-    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(loss_fn, backend=backend, fullgraph=True)
     out = compiled(a, b, s)
     ref = loss_fn(a, b, s)
     assert torch.allclose(out, ref, rtol=1e-6, atol=0)
