@@ -9,15 +9,27 @@ Triton / inductor compiles, spawned processes, training runs), costliest first, 
 of each worker, so the long ones start at once and on different workers (scripts/gpu_check.sh caps
 the whole stage); everything else keeps its collection order. The layout follows `-n`'s default
 "load" scheduling (a worker's first batch is a run of consecutive tests; the workers cannot see
-which `--dist` the controller uses).
+which `--dist` the controller uses). With LSR_TEST_GPU=1 the Triton backend runs one config per
+kernel unless LSR_TRITON_AUTOTUNE says otherwise, and xdist workers split the cores between them.
 """
 import os
 
 if os.environ.get("LSR_TEST_GPU") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # One Triton config per kernel unless asked for more: autotuning would compile and time every
+    # config for every shape the tests use (test_gpu_every_autotune_config runs each one explicitly).
+    os.environ.setdefault("LSR_TRITON_AUTOTUNE", "0")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # pytest-xdist workers share the machine's cores: no inductor compile pool per worker
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import pytest
 import torch
+
+if os.environ.get("LSR_TEST_GPU") == "1" and os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # ... nor a full intra-op thread pool each (CPU references, input generation)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def gpu_tests_enabled() -> bool:

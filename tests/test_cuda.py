@@ -38,6 +38,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import require_cuda_extension
 from lsr_kernels import reference as R
 from lsr_kernels.backends import cuda as cuda_backend
 
@@ -50,7 +51,7 @@ DTYPE_IDS = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16"
 
 # ----------------------------------------------------------------------------------- helpers
 def _unit(n, d, dtype, device, requires_grad=True):
-    x = F.normalize(torch.randn(n, d, dtype=torch.float64), dim=-1).to(device=device, dtype=dtype)
+    x = F.normalize(torch.randn(n, d, dtype=torch.float64, device=device), dim=-1).to(dtype=dtype)
     return x.requires_grad_(requires_grad)
 
 
@@ -577,11 +578,7 @@ def test_emulated_primitives_trace_with_torch_compile(emu, backend):
 @pytest.fixture
 def prims(cuda_device):
     """The real primitives; builds the extension just in time when it is not installed."""
-    if not cuda_backend.HAS_CUDA_EXT:
-        if SKIP_BUILD:
-            pytest.skip("the extension is not installed and LSR_SKIP_CUDA_BUILD=1")
-        cuda_backend.load_jit()
-    return cuda_backend
+    return require_cuda_extension()
 
 
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -12,7 +12,7 @@ import torch
 
 import lsr_kernels
 from lsr_kernels import backends, reference as R
-from helpers import FEATURE_NAMES, backend_available, grads, lsr_inputs, rel_err, unit_rows
+from helpers import FEATURE_NAMES, backend_available, grads, lsr_inputs, rel_err, require_cuda_extension, unit_rows
 
 ALL_ON = dict(sep_weight=1.0, bridge_weight=1.0, gc_weight=0.25)
 LOW_PRECISION_FACTOR = 3.0  # flash-attention uses 2; a fused kernel rounds at different places
@@ -34,8 +34,8 @@ def case(request):
     interpreted = device == "cpu" and name == "triton"
     if interpreted and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
-    if name == "cuda" and not lsr_kernels.HAS_CUDA_EXT:
-        pytest.fail("backend 'cuda' requested on a GPU run but the extension is not built")
+    if name == "cuda":
+        require_cuda_extension()
     return name, torch.device(device), interpreted
 
 
