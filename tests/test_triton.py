@@ -546,6 +546,28 @@ def test_kernels_build_for_sm90_without_a_gpu():
         assert "STACK:" not in line or "STACK:0" in line, f"register spills in an info_nce kernel: {line}"
 
 
+@pytest.mark.slow
+def test_launchers_compile_through_the_triton_runtime_for_sm90(tmp_path):
+    """What a first GPU launch does before running: each primitive's launchers, forward and backward,
+    through Triton's JIT runtime (argument binding, specialisation, constexprs, sm_90 compile and its
+    shared-memory limit), with a stand-in driver and a fresh cache so every kernel really compiles
+    (scripts/triton_launch_rehearsal.py)."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "scripts", "triton_launch_rehearsal.py")
+    done = subprocess.run([sys.executable, script, "--dtypes", "bf16,fp32"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("OK")]
+    assert len(lines) == 2, done.stdout
+    for line in lines:
+        for kernel in ("_softmax_ce_fwd_kernel", "_softmax_ce_bwd_kernel", "_info_nce_fwd_grad_kernel",
+                       "_exp_gram_fwd_kernel", "_exp_gram_bwd_kernel"):
+            assert kernel in line, f"{kernel} was not launched: {line}"
+
+
 # ========================================================================================= GPU
 def _bf16_fp16():
     return pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
