@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The prepared GPU check: environment, CUDA build, GPU tests, core benchmarks, in about 8 minutes on
-# one H100/H200, everything logged into $OUT.
+# The prepared GPU check: environment, CUDA build (beside it, Triton's cache warmed for the benchmarks),
+# GPU tests, core benchmarks, in about 8 minutes on one H100/H200, everything logged into $OUT.
 #
 #   OUT=/path/to/out bash scripts/gpu_check.sh            # on the GPU machine, from the repo root
 #   bash scripts/gpu_check.sh --dry-run                    # its CPU-side steps on a CPU machine (CI)
@@ -9,7 +9,8 @@
 # build, tests, bench-core, profile, bench-sweep, bench-maxn), -h/--help. Environment: OUT (output folder;
 # default ./out/gpu_check), PYTHON (default: python, else python3), LSR_BENCH_COMMIT (the commit
 # to record when the tree has no .git), per-stage caps in seconds: BUILD_TIMEOUT (210),
-# TESTS_TIMEOUT (150), CORE_TIMEOUT (120), PROFILE_TIMEOUT (60), SWEEP_TIMEOUT (75), MAXN_TIMEOUT (100); TEST_WORKERS (the
+# TESTS_TIMEOUT (150), CORE_TIMEOUT (120), PROFILE_TIMEOUT (60), SWEEP_TIMEOUT (75), MAXN_TIMEOUT (100),
+# WARM_TIMEOUT (300, each warm-up process); TEST_WORKERS (the
 # cores, at most 12: pytest-xdist processes for the GPU tests, when xdist is installed).
 #
 # The GPU machine has no network: nothing is downloaded. Inf-CL (a baseline) is installed from the
@@ -186,6 +187,32 @@ PY
     # What every later process (tests, benchmarks) will see.
     "$PYTHON" -c "import sys, lsr_kernels; print('HAS_CUDA_EXT in a fresh process:', lsr_kernels.HAS_CUDA_EXT); sys.exit(0 if lsr_kernels.HAS_CUDA_EXT else 1)"
 }
+# Warm Triton's cache for the benchmarks beside the build (nvcc leaves most cores idle): their Triton
+# kernels, every autotune config, compiled for sm_90 by scripts/triton_launch_rehearsal.py, one process
+# per op; otherwise the benchmarks' autotuning compiles them one after another inside the bench stages.
+WARM_DIR=$(mktemp -d)
+WARM_PIDS=()
+if [ "$DRY_RUN" = 1 ]; then
+    WARM_OPS=(clip); WARM_ARGS=()           # the wiring only: one op, no autotuning
+else
+    WARM_OPS=(clip full itc); WARM_ARGS=(--autotune)
+fi
+for op in "${WARM_OPS[@]}"; do
+    timeout "${WARM_TIMEOUT:-300}" "$PYTHON" scripts/triton_launch_rehearsal.py --bench-set --ops "$op" \
+        ${WARM_ARGS[@]+"${WARM_ARGS[@]}"} >"$WARM_DIR/$op.log" 2>&1 &
+    WARM_PIDS+=($!)
+done
+finish_warmup() {
+    # Before the first timing: a compile beside it would perturb it. Logged into env_build.log.
+    [ ${#WARM_PIDS[@]} -eq 0 ] && return
+    local pid status=ok
+    for pid in "${WARM_PIDS[@]}"; do wait "$pid" || status=FAILED; done
+    { echo "---- Triton cache warm-up for the benchmarks ($status)"; cat "$WARM_DIR"/*.log; } >>"$ENV_LOG" 2>&1
+    printf '%-12s %-9s\n' warm-up "$status" | tee -a "$SUMMARY"
+    WARM_PIDS=()
+    rm -rf "$WARM_DIR"
+}
+
 if [ "$DRY_RUN" = 1 ]; then
     run_stage build 60 "$ENV_LOG" "$PYTHON" -c \
         "import lsr_kernels; print('(dry run) import ok; would build with LSR_BUILD_CUDA=1 pip install --no-deps --no-build-isolation -e . or cuda.load_jit()')"
@@ -234,6 +261,7 @@ else
     MAXN_ARGS=(--time-cap 15 --call-cap 4)
     PROFILE_ARGS=()
 fi
+finish_warmup
 run_stage bench-core "${CORE_TIMEOUT:-120}" "$BENCH_LOG" \
     "$PYTHON" -m benchmarks gpu-core ${DEVICE_ARGS[@]+"${DEVICE_ARGS[@]}"} ${CORE_PROVIDERS[@]+"${CORE_PROVIDERS[@]}"} --out "$RESULTS"
 run_stage profile "${PROFILE_TIMEOUT:-60}" "$PROFILE" \

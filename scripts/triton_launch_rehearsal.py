@@ -2,6 +2,7 @@
 
     python scripts/triton_launch_rehearsal.py                        # bf16, one config per kernel
     python scripts/triton_launch_rehearsal.py --dtypes bf16,fp32 --autotune
+    python scripts/triton_launch_rehearsal.py --bench-set --autotune   # warm the cache for the GPU benchmarks
 
 ``scripts/triton_sm90_sweep.py`` compiles each kernel from a signature written by hand; the interpreter
 never binds arguments the way the GPU runtime does. This goes the GPU's way: every primitive's forward
@@ -14,7 +15,14 @@ launch stops after compiling (``warmup``): no kernel runs, and the outputs are n
 With ``--autotune`` the launches go through ``triton.autotune`` as well (pruning hook, keys, one compile
 per surviving config), with every config timed at 1 ms, so the first one wins.
 
-Prints one line per dtype with the number of compiles and the kernels; exit status 1 when a launch
+``--bench-set`` runs the Triton provider of the GPU benchmarks instead (``python -m benchmarks``: CLIP
+and the full objective at N = 32768, D = 512, ITC at N = 4096, D = 256, K = 65536; bf16) with the
+number of programs an H100 gets. The kernels it compiles carry the GPU run's cache keys (Triton
+specialises integers only on == 1 and divisibility by 16, so the same binaries serve every N of the
+sweeps), and ``scripts/gpu_check.sh`` runs it with ``--autotune`` beside the CUDA build, so the
+benchmarks' autotuning finds every config already compiled instead of compiling on one core.
+
+Prints one line per dtype (or benchmark op) with the number of compiles and the kernels; exit status 1 when a launch
 raises. It patches Triton's runtime in this process only, so it must run in its own interpreter
 without TRITON_INTERPRET (the script clears it before importing Triton).
 """
@@ -35,6 +43,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+#: The programs a launch aims for on an H100 SXM (two per SM, as _common.target_programs).
+H100_PROGRAMS = 2 * 132
 #: Shared memory one sm_90 thread block may use (227 KiB, opt-in): the GPU runtime refuses more at launch.
 SM90_MAX_SMEM = 232448
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
@@ -83,6 +93,7 @@ def install(compiled: list) -> None:
     JITFunction.run = compile_only
     from lsr_kernels.backends.triton import _common
     _common.check_device = lambda name, x: None  # CPU tensors stand in for CUDA ones: nothing runs
+    _common.target_programs = lambda device: H100_PROGRAMS  # the GPU's grids and column splits
 
 
 def rehearse(dtype: torch.dtype, n: int = 300, m: int = 700, d: int = 512) -> None:
@@ -102,19 +113,41 @@ def rehearse(dtype: torch.dtype, n: int = 300, m: int = 700, d: int = 512) -> No
     torch.autograd.grad(T.exp_gram_sum(a, 2.0), (a,))
 
 
+def rehearse_benchmark(op: str) -> None:
+    """One fwd+bwd of the GPU benchmarks' Triton provider for ``op`` at its gpu-core shape."""
+    from benchmarks import ops as O, providers as P
+    n, d, k = BENCH_SHAPES[op]
+    inputs = O.make_inputs(op, n, d, "bfloat16", "cpu", k=k)
+    loss = P.get("triton").build(op, inputs)()
+    torch.autograd.grad(loss, inputs.grad_inputs, allow_unused=True)
+
+
+#: (N, D, K) per benchmark op, as benchmarks.bench_*.gpu_core.
+BENCH_SHAPES = {"clip": (32768, 512, 0), "full": (32768, 512, 0), "itc": (4096, 256, 65536)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtypes", default="bf16", help="comma-separated: " + ",".join(DTYPES))
     parser.add_argument("--autotune", action="store_true", help="through triton.autotune, every config")
+    parser.add_argument("--bench-set", action="store_true",
+                        help="the GPU benchmarks' Triton calls (" + ", ".join(BENCH_SHAPES) + "), bf16")
+    parser.add_argument("--ops", default=",".join(BENCH_SHAPES), help="with --bench-set: which of them")
     args = parser.parse_args(argv)
+    ops = args.ops.split(",")
+    unknown = sorted(set(ops) - set(BENCH_SHAPES))
+    if unknown:
+        parser.error(f"--ops: unknown {unknown}; expected some of {list(BENCH_SHAPES)}")
     os.environ["LSR_TRITON_AUTOTUNE"] = "1" if args.autotune else "0"
     compiled: list = []
     install(compiled)
     failed = False
-    for name in args.dtypes.split(","):
+    jobs = ([(op, rehearse_benchmark, op) for op in ops] if args.bench_set
+            else [(name, rehearse, DTYPES[name]) for name in args.dtypes.split(",")])
+    for name, job, arg in jobs:
         start, before = time.time(), len(compiled)
         try:
-            rehearse(DTYPES[name])
+            job(arg)
         except Exception:  # noqa: BLE001 - report and go on to the next dtype
             failed = True
             print(f"FAILED {name}:\n{traceback.format_exc()}")

@@ -394,6 +394,8 @@ def test_gpu_check_dry_run(tmp_path):
         assert status[("chunked", "timing")] == "ok" and status[("chunked", "max_n")] == "ok"
     summary = (out / "summary.txt").read_text()
     assert "bench-core   ok" in summary and "profile      ok" in summary and "tests        skipped" in summary
+    # the Triton cache warm-up ran its one dry-run op through the JIT launch path (stand-in driver)
+    assert "warm-up      ok" in summary and "OK clip:" in (out / "env_build.log").read_text()
     profile = (out / "profile.txt").read_text()
     assert "-- chunked clip: the floor is 4 products" in profile and "-- triton clip" in profile
 
