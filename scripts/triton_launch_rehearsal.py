@@ -15,15 +15,15 @@ launch stops after compiling (``warmup``): no kernel runs, and the outputs are n
 With ``--autotune`` the launches go through ``triton.autotune`` as well (pruning hook, keys, one compile
 per surviving config), with every config timed at 1 ms, so the first one wins.
 
-``--bench-set`` runs the Triton provider of the GPU benchmarks instead (``python -m benchmarks``: CLIP
-and the full objective at N = 32768, D = 512, ITC at N = 4096, D = 256, K = 65536; bf16) with the
-number of programs an H100 gets. The kernels it compiles carry the GPU run's cache keys (Triton
+``--bench-set`` runs the Triton cases of the GPU benchmarks' core set instead (``python -m benchmarks
+gpu-core``: CLIP and the full objective at N = 32768, D = 512, ITC at N = 4096, D = 256, K = 65536;
+bf16), with the number of programs an H100 gets. The kernels it compiles carry the GPU run's cache keys (Triton
 specialises integers only on == 1 and divisibility by 16, so the same binaries serve every N of the
 sweeps), and ``scripts/gpu_check.sh`` runs it with ``--autotune`` beside the CUDA build, so the
 benchmarks' autotuning finds every config already compiled instead of compiling on one core.
 
-Prints one line per dtype (or benchmark op) with the number of compiles and the kernels; exit status 1 when a launch
-raises. It patches Triton's runtime in this process only, so it must run in its own interpreter
+Prints one line per dtype (or benchmark op) with the number of compiles and the kernels; exit status
+1 when a launch raises. It patches Triton's runtime in this process only, so it must run in its own interpreter
 without TRITON_INTERPRET (the script clears it before importing Triton).
 """
 from __future__ import annotations
@@ -113,42 +113,47 @@ def rehearse(dtype: torch.dtype, n: int = 300, m: int = 700, d: int = 512) -> No
     torch.autograd.grad(T.exp_gram_sum(a, 2.0), (a,))
 
 
-def rehearse_benchmark(op: str) -> None:
-    """One fwd+bwd of the GPU benchmarks' Triton provider for ``op`` at its gpu-core shape."""
+def bench_cases() -> dict:
+    """The Triton cases of the GPU benchmarks' core set, by op (``python -m benchmarks gpu-core``)."""
+    from benchmarks import bench_clip, bench_full, bench_itc
+    from benchmarks.common import Settings
+    settings = Settings(device="cuda", providers=["triton"], modes=["full"])
+    return {case.op: case for bench in (bench_clip, bench_full, bench_itc) for case in bench.gpu_core(settings)}
+
+
+def rehearse_benchmark(case) -> None:
+    """One fwd+bwd of the GPU benchmarks' Triton provider for ``case`` (its op, shape and dtype)."""
     from benchmarks import ops as O, providers as P
-    n, d, k = BENCH_SHAPES[op]
-    inputs = O.make_inputs(op, n, d, "bfloat16", "cpu", k=k)
-    loss = P.get("triton").build(op, inputs)()
+    inputs = O.make_inputs(case.op, case.n, case.d, case.dtype, "cpu", k=case.k)
+    loss = P.get("triton").build(case.op, inputs)()
     torch.autograd.grad(loss, inputs.grad_inputs, allow_unused=True)
-
-
-#: (N, D, K) per benchmark op, as benchmarks.bench_*.gpu_core.
-BENCH_SHAPES = {"clip": (32768, 512, 0), "full": (32768, 512, 0), "itc": (4096, 256, 65536)}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtypes", default="bf16", help="comma-separated: " + ",".join(DTYPES))
     parser.add_argument("--autotune", action="store_true", help="through triton.autotune, every config")
+    cases = bench_cases()
     parser.add_argument("--bench-set", action="store_true",
-                        help="the GPU benchmarks' Triton calls (" + ", ".join(BENCH_SHAPES) + "), bf16")
-    parser.add_argument("--ops", default=",".join(BENCH_SHAPES), help="with --bench-set: which of them")
+                        help="the GPU benchmarks' core-set Triton calls (" + ", ".join(cases) + ")")
+    parser.add_argument("--ops", default=",".join(cases), help="with --bench-set: which of them")
     args = parser.parse_args(argv)
-    ops = args.ops.split(",")
-    unknown = sorted(set(ops) - set(BENCH_SHAPES))
-    if unknown:
-        parser.error(f"--ops: unknown {unknown}; expected some of {list(BENCH_SHAPES)}")
+    dtypes, ops = args.dtypes.split(","), args.ops.split(",")
+    for flag, wanted, known in (("--dtypes", dtypes, DTYPES), ("--ops", ops, cases)):
+        unknown = sorted(set(wanted) - set(known))
+        if unknown:
+            parser.error(f"{flag}: unknown {unknown}; expected some of {list(known)}")
     os.environ["LSR_TRITON_AUTOTUNE"] = "1" if args.autotune else "0"
     compiled: list = []
     install(compiled)
     failed = False
-    jobs = ([(op, rehearse_benchmark, op) for op in ops] if args.bench_set
-            else [(name, rehearse, DTYPES[name]) for name in args.dtypes.split(",")])
+    jobs = ([(op, rehearse_benchmark, cases[op]) for op in ops] if args.bench_set
+            else [(name, rehearse, DTYPES[name]) for name in dtypes])
     for name, job, arg in jobs:
         start, before = time.time(), len(compiled)
         try:
             job(arg)
-        except Exception:  # noqa: BLE001 - report and go on to the next dtype
+        except Exception:  # noqa: BLE001 - report and go on to the next job
             failed = True
             print(f"FAILED {name}:\n{traceback.format_exc()}")
             continue
