@@ -15,14 +15,13 @@ launch stops after compiling (``warmup``): no kernel runs, and the outputs are n
 With ``--autotune`` the launches go through ``triton.autotune`` as well (pruning hook, keys, one compile
 per surviving config), with every config timed at 1 ms, so the first one wins.
 
-``--bench-set`` runs the Triton cases of the GPU benchmarks' core set instead (``python -m benchmarks
-gpu-core``: CLIP and the full objective at N = 32768, D = 512, ITC at N = 4096, D = 256, K = 65536;
-bf16), with the number of programs an H100 gets. The kernels it compiles carry the GPU run's cache keys (Triton
-specialises integers only on == 1 and divisibility by 16, so the same binaries serve every N of the
-sweeps), and ``scripts/gpu_check.sh`` runs it with ``--autotune`` beside the CUDA build, so the
-benchmarks' autotuning finds every config already compiled instead of compiling on one core.
+``--bench-set`` runs the Triton shapes of the benchmark sets that ``scripts/gpu_check.sh`` runs
+instead (``python -m benchmarks gpu-core`` and ``gpu-sweep --short``: CLIP, the full objective and ITC,
+bf16), with the number of programs an H100 gets, so the kernels it compiles carry the GPU run's cache
+keys. ``scripts/gpu_check.sh`` runs it with ``--autotune`` beside the CUDA build: the benchmarks'
+autotuning then finds every config already compiled instead of compiling them on one core.
 
-Prints one line per dtype (or benchmark op) with the number of compiles and the kernels; exit status
+Prints one line per dtype (or benchmark op) with the number of launches and the kernels; exit status
 1 when a launch raises. It patches Triton's runtime in this process only, so it must run in its own interpreter
 without TRITON_INTERPRET (the script clears it before importing Triton).
 """
@@ -114,19 +113,27 @@ def rehearse(dtype: torch.dtype, n: int = 300, m: int = 700, d: int = 512) -> No
 
 
 def bench_cases() -> dict:
-    """The Triton cases of the GPU benchmarks' core set, by op (``python -m benchmarks gpu-core``)."""
+    """The Triton shapes of the benchmark sets gpu_check.sh runs (``gpu-core``, ``gpu-sweep --short``),
+    by op, the core shape first."""
     from benchmarks import bench_clip, bench_full, bench_itc
     from benchmarks.common import Settings
     settings = Settings(device="cuda", providers=["triton"], modes=["full"])
-    return {case.op: case for bench in (bench_clip, bench_full, bench_itc) for case in bench.gpu_core(settings)}
+    by_op: dict = {}
+    for bench in (bench_clip, bench_full, bench_itc):
+        for case in bench.gpu_core(settings) + bench.gpu_sweep(settings, short=True):
+            by_op.setdefault(case.op, {}).setdefault((case.n, case.d, case.k, case.dtype), case)
+    return {op: list(shapes.values()) for op, shapes in by_op.items()}
 
 
-def rehearse_benchmark(case) -> None:
-    """One fwd+bwd of the GPU benchmarks' Triton provider for ``case`` (its op, shape and dtype)."""
+def rehearse_benchmark(cases) -> None:
+    """One fwd+bwd of the GPU benchmarks' Triton provider for each case (op, shape, dtype). Most N
+    share their binaries (the runtime's in-process cache makes a repeat free); a small N differs where
+    the launchers split the backward's columns over more programs (fp32 partial gradients)."""
     from benchmarks import ops as O, providers as P
-    inputs = O.make_inputs(case.op, case.n, case.d, case.dtype, "cpu", k=case.k)
-    loss = P.get("triton").build(case.op, inputs)()
-    torch.autograd.grad(loss, inputs.grad_inputs, allow_unused=True)
+    for case in cases:
+        inputs = O.make_inputs(case.op, case.n, case.d, case.dtype, "cpu", k=case.k)
+        loss = P.get("triton").build(case.op, inputs)()
+        torch.autograd.grad(loss, inputs.grad_inputs, allow_unused=True)
 
 
 def main(argv=None) -> int:
@@ -135,7 +142,7 @@ def main(argv=None) -> int:
     parser.add_argument("--autotune", action="store_true", help="through triton.autotune, every config")
     cases = bench_cases()
     parser.add_argument("--bench-set", action="store_true",
-                        help="the GPU benchmarks' core-set Triton calls (" + ", ".join(cases) + ")")
+                        help="the Triton calls of gpu_check.sh's benchmark sets (" + ", ".join(cases) + ")")
     parser.add_argument("--ops", default=",".join(cases), help="with --bench-set: which of them")
     args = parser.parse_args(argv)
     dtypes, ops = args.dtypes.split(","), args.ops.split(",")
@@ -158,7 +165,8 @@ def main(argv=None) -> int:
             print(f"FAILED {name}:\n{traceback.format_exc()}")
             continue
         kernels = sorted(set(compiled[before:]))
-        print(f"OK {name}: {len(compiled) - before} launches compiled for sm_90 in {time.time() - start:.0f} s "
+        print(f"OK {name}: {len(compiled) - before} launches through the JIT runtime for sm_90 (compiled, or "
+              f"found in the cache) in {time.time() - start:.0f} s "
               f"(triton {triton.__version__}, torch {torch.__version__}): {' '.join(kernels)}")
     return 1 if failed else 0
 
