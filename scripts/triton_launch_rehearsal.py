@@ -42,10 +42,11 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+from lsr_kernels.backends.triton import _common  # noqa: E402
+from triton_sm90_sweep import SM90_MAX_SMEM  # noqa: E402  (this folder; the GPU runtime refuses more at launch)
+
 #: The programs a launch aims for on an H100 SXM (two per SM, as _common.target_programs).
 H100_PROGRAMS = 2 * 132
-#: Shared memory one sm_90 thread block may use (227 KiB, opt-in): the GPU runtime refuses more at launch.
-SM90_MAX_SMEM = 232448
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
 
@@ -90,7 +91,6 @@ def install(compiled: list) -> None:
         return kernel
 
     JITFunction.run = compile_only
-    from lsr_kernels.backends.triton import _common
     _common.check_device = lambda name, x: None  # CPU tensors stand in for CUDA ones: nothing runs
     _common.target_programs = lambda device: H100_PROGRAMS  # the GPU's grids and column splits
 
@@ -101,8 +101,7 @@ def rehearse(dtype: torch.dtype, n: int = 300, m: int = 700, d: int = 512) -> No
     def leaf(rows):
         return torch.randn(rows, d).to(dtype).requires_grad_()
 
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    s = torch.tensor(10.0, dtype=acc, requires_grad=True)
+    s = torch.tensor(10.0, dtype=_common.acc_dtype(dtype), requires_grad=True)
     a, b = leaf(n), leaf(n)
     for symmetric in (True, False):
         torch.autograd.grad(T.info_nce(a, b, s, symmetric), (a, b, s))

@@ -38,7 +38,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import require_cuda_extension
+from helpers import require_cuda_extension, unit_rows
 from lsr_kernels import reference as R
 from lsr_kernels.backends import cuda as cuda_backend
 
@@ -50,11 +50,6 @@ DTYPE_IDS = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16"
 
 
 # ----------------------------------------------------------------------------------- helpers
-def _unit(n, d, dtype, device, requires_grad=True):
-    x = F.normalize(torch.randn(n, d, dtype=torch.float64, device=device), dim=-1).to(dtype=dtype)
-    return x.requires_grad_(requires_grad)
-
-
 def _scale(value, dtype, device):
     sdtype = torch.float64 if dtype == torch.float64 else torch.float32
     return torch.tensor(value, dtype=sdtype, device=device, requires_grad=True)
@@ -114,8 +109,8 @@ def _compare(fast_fn, ref_fn, inputs, dtype, label):
 
 
 def run_info_nce_parity(prims, n, d, dtype, symmetric, device, b_requires_grad=True):
-    a = _unit(n, d, dtype, device)
-    b = _unit(n, d, dtype, device, requires_grad=b_requires_grad)
+    a = unit_rows(n, d, dtype, device)
+    b = unit_rows(n, d, dtype, device, requires_grad=b_requires_grad)
     s = _scale(7.0, dtype, device)
     _compare(lambda a, b, s: prims.info_nce(a, b, s, symmetric),
              lambda a, b, s: R.info_nce(a, b, s, symmetric), [a, b, s], dtype,
@@ -123,15 +118,15 @@ def run_info_nce_parity(prims, n, d, dtype, symmetric, device, b_requires_grad=T
 
 
 def run_exp_gram_parity(prims, n, d, dtype, device, t=2.0):
-    x = _unit(n, d, dtype, device)
+    x = unit_rows(n, d, dtype, device)
     _compare(lambda x: prims.exp_gram_sum(x, t), lambda x: R.exp_gram_sum(x, t), [x], dtype,
              f"exp_gram n={n} d={d} {DTYPE_IDS[dtype]}")
 
 
 def run_itc_parity(prims, n, k, d, dtype, device, alpha=0.4):
-    q = _unit(n, d, dtype, device)
-    q_m = _unit(n, d, dtype, device, requires_grad=False)
-    bank = _unit(n + k, d, dtype, device, requires_grad=False)
+    q = unit_rows(n, d, dtype, device)
+    q_m = unit_rows(n, d, dtype, device, requires_grad=False)
+    bank = unit_rows(n + k, d, dtype, device, requires_grad=False)
     s = _scale(5.0, dtype, device)
     _compare(lambda q, s: prims.itc_soft_ce(q, q_m, bank, s, alpha),
              lambda q, s: R.itc_soft_ce(q, q_m.to(q.dtype), bank.to(q.dtype), s, alpha), [q, s], dtype,
@@ -377,7 +372,7 @@ def test_emulated_itc_edges(emu, dtype, n, k, d, alpha):
 def test_emulated_info_nce_rectangular_offset(emu, dtype):
     """One rank's rows against every rank's columns (M > N, positives at an offset): the offset
     straddles a 128-column tile, and the grad_b launch runs over two row blocks of b."""
-    a, b = _unit(20, 32, dtype, "cpu"), _unit(150, 32, dtype, "cpu")
+    a, b = unit_rows(20, 32, dtype, "cpu"), unit_rows(150, 32, dtype, "cpu")
     s = _scale(8.0, dtype, "cpu")
     _compare(lambda a, b, s: emu.info_nce(a, b, s, False, 120), lambda a, b, s: R.info_nce(a, b, s, False, 120),
              [a, b, s], dtype, "info_nce rectangular offset")
@@ -425,8 +420,8 @@ def test_emulated_one_way_launches_what_the_gradients_need(emu, needs):
             return lambda *args: calls.append((name, args[-1] if name == "info_nce_bwd" else None)) or op(*args)
 
     prims = cuda_backend._make_primitives(Spy())
-    a, b = _unit(19, 12, torch.float32, "cpu", requires_grad=needs[0]), \
-        _unit(70, 12, torch.float32, "cpu", requires_grad=needs[1])
+    a, b = unit_rows(19, 12, torch.float32, "cpu", requires_grad=needs[0]), \
+        unit_rows(70, 12, torch.float32, "cpu", requires_grad=needs[1])
     s = _scale(6.0, torch.float32, "cpu").requires_grad_(needs[2])
     wanted = [t for t, need in zip((a, b, s), needs) if need]
     loss = prims.info_nce(a, b, s, False, 40)
@@ -458,8 +453,8 @@ def test_emulated_lone_positive_is_exactly_zero(emu, dtype, symmetric):
 
 @pytest.mark.slow
 def test_emulated_non_contiguous_inputs(emu):
-    a = _unit(24, 40, torch.float32, "cpu", requires_grad=False)[:, ::2].requires_grad_()  # stride 2 along D
-    b = _unit(20, 24, torch.float32, "cpu", requires_grad=False).t().requires_grad_()    # transposed
+    a = unit_rows(24, 40, torch.float32, "cpu", requires_grad=False)[:, ::2].requires_grad_()  # stride 2 along D
+    b = unit_rows(20, 24, torch.float32, "cpu", requires_grad=False).t().requires_grad_()    # transposed
     s = _scale(4.0, torch.float32, "cpu")
     assert not a.is_contiguous() and not b.is_contiguous()
     _compare(lambda a, b, s: emu.info_nce(a, b, s, True), lambda a, b, s: R.info_nce(a, b, s, True),
@@ -468,16 +463,16 @@ def test_emulated_non_contiguous_inputs(emu):
 
 @pytest.mark.slow
 def test_emulated_gradcheck_fp64(emu):
-    a, b = _unit(5, 3, torch.float64, "cpu"), _unit(5, 3, torch.float64, "cpu")
+    a, b = unit_rows(5, 3, torch.float64, "cpu"), unit_rows(5, 3, torch.float64, "cpu")
     s = _scale(3.0, torch.float64, "cpu")
     for symmetric in (False, True):
         assert torch.autograd.gradcheck(lambda a, b, s: emu.info_nce(a, b, s, symmetric), (a, b, s),
                                         fast_mode=True)
-    x = _unit(6, 3, torch.float64, "cpu")
+    x = unit_rows(6, 3, torch.float64, "cpu")
     assert torch.autograd.gradcheck(lambda x: emu.exp_gram_sum(x, 2.0), (x,), fast_mode=True)
-    q = _unit(4, 3, torch.float64, "cpu")
-    q_m = _unit(4, 3, torch.float64, "cpu", requires_grad=False)
-    bank = _unit(10, 3, torch.float64, "cpu", requires_grad=False)
+    q = unit_rows(4, 3, torch.float64, "cpu")
+    q_m = unit_rows(4, 3, torch.float64, "cpu", requires_grad=False)
+    bank = unit_rows(10, 3, torch.float64, "cpu", requires_grad=False)
     # Only q: the soft targets depend on s but are constants by contract (ALBEF computes them under
     # no_grad), so finite differences in s differ from the gradient by design; the parity tests
     # check grad_s against the reference, which has the same convention.
@@ -559,7 +554,7 @@ def test_emulated_fake_registrations(emu):
 def test_emulated_primitives_trace_with_torch_compile(emu, backend):
     """fullgraph: the ops' fake registrations and autograd trace; inductor also lowers around them."""
     torch._dynamo.reset()
-    a, b = _unit(9, 6, torch.float32, "cpu"), _unit(9, 6, torch.float32, "cpu")
+    a, b = unit_rows(9, 6, torch.float32, "cpu"), unit_rows(9, 6, torch.float32, "cpu")
     s = _scale(5.0, torch.float32, "cpu")
 
     def loss_fn(a, b, s):
@@ -616,15 +611,15 @@ def test_gpu_itc(prims, cuda_device, n, k, d, dtype):
 
 @pytest.mark.gpu
 def test_gpu_gradcheck_fp64(prims, cuda_device):
-    a, b = _unit(7, 5, torch.float64, cuda_device), _unit(7, 5, torch.float64, cuda_device)
+    a, b = unit_rows(7, 5, torch.float64, cuda_device), unit_rows(7, 5, torch.float64, cuda_device)
     s = _scale(3.0, torch.float64, cuda_device)
     for symmetric in (False, True):
         assert torch.autograd.gradcheck(lambda a, b, s: prims.info_nce(a, b, s, symmetric), (a, b, s))
-    x = _unit(9, 4, torch.float64, cuda_device)
+    x = unit_rows(9, 4, torch.float64, cuda_device)
     assert torch.autograd.gradcheck(lambda x: prims.exp_gram_sum(x, 2.0), (x,))
-    q = _unit(6, 4, torch.float64, cuda_device)
-    q_m = _unit(6, 4, torch.float64, cuda_device, requires_grad=False)
-    bank = _unit(15, 4, torch.float64, cuda_device, requires_grad=False)
+    q = unit_rows(6, 4, torch.float64, cuda_device)
+    q_m = unit_rows(6, 4, torch.float64, cuda_device, requires_grad=False)
+    bank = unit_rows(15, 4, torch.float64, cuda_device, requires_grad=False)
     s0 = s.detach()  # the soft targets depend on s but are constants by contract: check q only
     assert torch.autograd.gradcheck(lambda q: prims.itc_soft_ce(q, q_m, bank, s0, 0.4), (q,))
 
@@ -651,7 +646,7 @@ def test_gpu_primitives_reject_cpu_tensors(prims, cuda_device):
 
 @pytest.mark.gpu
 def test_gpu_opcheck_and_compile(prims, cuda_device):
-    a, b = _unit(33, 40, torch.bfloat16, cuda_device), _unit(33, 40, torch.bfloat16, cuda_device)
+    a, b = unit_rows(33, 40, torch.bfloat16, cuda_device), unit_rows(33, 40, torch.bfloat16, cuda_device)
     s = _scale(10.0, torch.bfloat16, cuda_device)
     ops = torch.ops.lsr_kernels
     torch.library.opcheck(ops.info_nce_fwd, (a.detach(), b.detach(), s.detach(), True, 0),
@@ -668,8 +663,8 @@ def test_gpu_opcheck_and_compile(prims, cuda_device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
 def test_gpu_forward_and_backward_have_no_host_sync(prims, cuda_device, dtype):
     n, d, k = 1000, 96, 3000
-    a, b = _unit(n, d, dtype, cuda_device), _unit(n, d, dtype, cuda_device)
-    q_m, bank = _unit(n, d, dtype, cuda_device, False), _unit(n + k, d, dtype, cuda_device, False)
+    a, b = unit_rows(n, d, dtype, cuda_device), unit_rows(n, d, dtype, cuda_device)
+    q_m, bank = unit_rows(n, d, dtype, cuda_device, False), unit_rows(n + k, d, dtype, cuda_device, False)
     s = _scale(14.3, dtype, cuda_device)
     cases = [(lambda: prims.info_nce(a, b, s, True), [a, b, s]),
              (lambda: prims.info_nce(a, b, s, False), [a, b, s]),
@@ -688,7 +683,7 @@ def test_gpu_forward_and_backward_have_no_host_sync(prims, cuda_device, dtype):
 @pytest.mark.gpu
 def test_gpu_peak_memory_is_linear(prims, cuda_device):
     n, d = 16384, 256  # one N x N fp32 matrix would be 1 GiB
-    a, b = _unit(n, d, torch.float32, cuda_device), _unit(n, d, torch.float32, cuda_device)
+    a, b = unit_rows(n, d, torch.float32, cuda_device), unit_rows(n, d, torch.float32, cuda_device)
     s = _scale(14.3, torch.float32, cuda_device)
     for fn in (lambda: prims.info_nce(a, b, s, True), lambda: prims.exp_gram_sum(a, 2.0)):
         a.grad = b.grad = s.grad = None
@@ -701,8 +696,8 @@ def test_gpu_peak_memory_is_linear(prims, cuda_device):
         assert extra < 4 * n * d * 4 + (8 << 20), f"{extra / 2**20:.1f} MiB extra"  # gradients + O(N) stats
 
     n, k = 2048, 32768  # the N x (N + K) logits would be 285 MB
-    q, q_m = _unit(n, d, torch.float32, cuda_device), _unit(n, d, torch.float32, cuda_device, False)
-    bank = _unit(n + k, d, torch.float32, cuda_device, False)
+    q, q_m = unit_rows(n, d, torch.float32, cuda_device), unit_rows(n, d, torch.float32, cuda_device, False)
+    bank = unit_rows(n + k, d, torch.float32, cuda_device, False)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

@@ -525,6 +525,18 @@ def test_fake_impls_give_shapes_only():
 
 
 # ----------------------------------------------------------------------------- sm_90 build (no GPU)
+def _run_sm90_script(name, *args, **env_vars):
+    """Run scripts/<name> for sm_90 without a GPU: real Triton (no interpreter) in a subprocess."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(env_vars)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(root, "scripts", name), *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done
+
+
 @pytest.mark.slow
 def test_kernels_build_for_sm90_without_a_gpu():
     """The interpreter accepts things the GPU compiler does not: build the bf16 kernels for sm_90 with
@@ -532,12 +544,7 @@ def test_kernels_build_for_sm90_without_a_gpu():
     every config). Every bf16 kernel must reach Hopper's warp-group MMA (MMA:wgmma), and the info_nce
     kernels (the CLIP hot path's two and the one-way forward with the gradient) must not spill
     registers in their first config."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = os.path.join(root, "scripts", "triton_sm90_sweep.py")
-    done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    done = _run_sm90_script("triton_sm90_sweep.py")
     lines = [line for line in done.stdout.splitlines() if line.startswith("BUILT")]
     assert len(lines) == 5, done.stdout
     for line in lines:
@@ -552,14 +559,7 @@ def test_launchers_compile_through_the_triton_runtime_for_sm90(tmp_path):
     through Triton's JIT runtime (argument binding, specialisation, constexprs, sm_90 compile and its
     shared-memory limit), with a stand-in driver and a fresh cache so every kernel really compiles
     (scripts/triton_launch_rehearsal.py)."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = os.path.join(root, "scripts", "triton_launch_rehearsal.py")
-    done = subprocess.run([sys.executable, script, "--dtypes", "bf16,fp32"], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    done = _run_sm90_script("triton_launch_rehearsal.py", "--dtypes", "bf16,fp32", TRITON_CACHE_DIR=str(tmp_path))
     lines = [line for line in done.stdout.splitlines() if line.startswith("OK")]
     assert len(lines) == 2, done.stdout
     for line in lines:
