@@ -13,6 +13,10 @@ What runs where:
     float64 gradcheck, the op checks and the fake (meta) registrations used by torch.compile;
   * the emulation's ldmatrix and mma.sync against the PTX ISA's fragment tables, transcribed in the
     test on their own;
+  * compute-sanitizer's racecheck and memcheck, on the CPU: every kernel template on the emulation
+    built with ThreadSanitizer (no two threads of a block touching the same memory without a barrier
+    between them) and with AddressSanitizer (no access past a tensor or the block's shared memory),
+    bf16 and fp32, each with controls that must be reported (scripts/cuda_emu_sanitize.py);
   * without the extension, the primitives raise a RuntimeError that says how to build it.
 - GPU (marker ``gpu``; ``LSR_TEST_GPU=1`` and CUDA): the same parity on the real kernels in fp32 /
   fp16 / bf16 (D = 1024 included), fp64 gradcheck, bad arguments passed straight to the C++ ops
@@ -261,6 +265,28 @@ def test_emulated_fragments_follow_the_ptx_isa(emu):
             assert loaded[lane, i].item() == _pack(element(i, g, 2 * t), element(i, g, 2 * t + 1)), (lane, i)
             assert loaded_trans[lane, i].item() == _pack(element(i, 2 * t, g), element(i, 2 * t + 1, g)), (lane, i)
             assert d[lane, i].item() == product[g if i < 2 else g + 8, 2 * t + (i & 1)].item(), (lane, i)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SKIP_BUILD, reason="LSR_SKIP_CUDA_BUILD=1")
+@pytest.mark.parametrize("tool,sanitizer", [("racecheck", "ThreadSanitizer"), ("memcheck", "AddressSanitizer")])
+def test_emulated_kernels_pass_the_sanitizers(tmp_path, tool, sanitizer):
+    """scripts/cuda_emu_sanitize.py on every kernel template (bf16 with cp.async copies landing at once
+    and late, fp32): racecheck (ThreadSanitizer: two threads of a block touching the same memory with
+    no barrier between them) and memcheck (AddressSanitizer: an access past a tensor or the block's
+    shared memory). The script's controls make this a test that can fail: a probe kernel's race and
+    out-of-bounds reads must be reported, and their correct forms must not. (Removing the
+    __syncthreads after the one-way backward's S tile, for one, is reported at its read of S.)
+    ~2 min to build and ~3 min to run, each."""
+    script = REPO / "scripts" / "cuda_emu_sanitize.py"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(script), "--tool", tool, "--dtypes", "bf16,fp32",
+                           "--build-dir", str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode == 2 and f"no {sanitizer} runtime" in proc.stderr:
+        pytest.skip(f"the C++ compiler has no {sanitizer} runtime")
+    assert proc.returncode == 0, f"{tool} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    assert f"{tool}: 17 kernel runs, no report; the controls behaved" in proc.stdout
 
 
 @pytest.mark.slow

@@ -1,7 +1,13 @@
-// One warp through tile_gemm.cuh's ldmatrix_x4 and mma_16816 on the CPU emulation, returning every
-// lane's registers, so that a test can hold the emulation to the PTX ISA's fragment tables directly
-// (tests/test_cuda.py::test_emulated_fragments_follow_the_ptx_isa) and not only through the kernels,
-// which are written to the same tables.
+// Probes of the CPU emulation itself, not of the kernels:
+// - fragment_probe: one warp through tile_gemm.cuh's ldmatrix_x4 and mma_16816, returning every lane's
+//   registers, so that a test can hold the emulation to the PTX ISA's fragment tables directly
+//   (tests/test_cuda.py::test_emulated_fragments_follow_the_ptx_isa) and not only through the kernels,
+//   which are written to the same tables.
+// - barrier_probe: one thread writes shared memory and a thread of another warp reads it, with or
+//   without a __syncthreads between them; bounds_probe: one thread reads element `index` of a global
+//   buffer and another element `index` of the block's shared memory. The sanitizers' controls
+//   (scripts/cuda_emu_sanitize.py): racecheck must report the race without the barrier and nothing
+//   with it; memcheck must report an index one past the end and nothing at the last element.
 #include "cuda_emu.h"
 
 #include <ATen/ATen.h>
@@ -59,9 +65,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fragment_probe(const at::Tensor& 
   return {loaded, loaded_trans, d};
 }
 
+struct BarrierProbeParams {
+  const float* value;  // [1]: what thread 0 writes
+  bool with_barrier;
+  float* out;          // [1]: what thread 32 read
+};
+
+void barrier_probe_kernel(const BarrierProbeParams p) {
+  LSR_DYNAMIC_SMEM(smem);
+  auto* word = reinterpret_cast<float*>(smem);
+  if (threadIdx.x == 0) *word = *p.value;
+  if (p.with_barrier) __syncthreads();
+  if (threadIdx.x == 32) *p.out = *word;
+}
+
+at::Tensor barrier_probe(const at::Tensor& value, bool with_barrier) {
+  TORCH_CHECK(value.scalar_type() == at::kFloat && value.numel() == 1 && value.is_contiguous(),
+              "barrier_probe: value must be one contiguous float32, got ", value.scalar_type(), " ", value.sizes());
+  auto out = at::zeros({1}, value.options());
+  ::lsr_emu::launch(barrier_probe_kernel, dim3(1), dim3(64), 16,
+                    BarrierProbeParams{value.data_ptr<float>(), with_barrier, out.data_ptr<float>()});
+  return out;
+}
+
+struct BoundsProbeParams {
+  const float* values;
+  int n, index;
+  float* out;  // [2]: values[index], then shared[index] of an n-float shared buffer
+};
+
+void bounds_probe_kernel(const BoundsProbeParams p) {
+  LSR_DYNAMIC_SMEM(smem);
+  auto* shared = reinterpret_cast<float*>(smem);
+  for (int i = threadIdx.x; i < p.n; i += blockDim.x) shared[i] = p.values[i];
+  __syncthreads();
+  if (threadIdx.x == 0) p.out[0] = p.values[p.index];
+  if (threadIdx.x == 1) p.out[1] = shared[p.index];
+}
+
+at::Tensor bounds_probe(const at::Tensor& values, int64_t index) {
+  TORCH_CHECK(values.scalar_type() == at::kFloat && values.dim() == 1 && values.numel() > 0 && values.is_contiguous(),
+              "bounds_probe: values must be a non-empty contiguous float32 vector, got ", values.scalar_type(), " ",
+              values.sizes());
+  auto out = at::zeros({2}, values.options());
+  const int n = static_cast<int>(values.numel());
+  ::lsr_emu::launch(bounds_probe_kernel, dim3(1), dim3(32), sizeof(float) * n,
+                    BoundsProbeParams{values.data_ptr<float>(), n, static_cast<int>(index), out.data_ptr<float>()});
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lsr_kernels_emu, m) {
   m.def("fragment_probe(Tensor matrices, Tensor a, Tensor b) -> (Tensor, Tensor, Tensor)");
+  m.def("barrier_probe(Tensor value, bool with_barrier) -> Tensor");
+  m.def("bounds_probe(Tensor values, int index) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(lsr_kernels_emu, CPU, m) { m.impl("fragment_probe", &fragment_probe); }
+TORCH_LIBRARY_IMPL(lsr_kernels_emu, CPU, m) {
+  m.impl("fragment_probe", &fragment_probe);
+  m.impl("barrier_probe", &barrier_probe);
+  m.impl("bounds_probe", &bounds_probe);
+}

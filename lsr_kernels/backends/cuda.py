@@ -392,27 +392,71 @@ def load_jit(verbose: bool = False, build_directory: Optional[str] = None) -> No
     _on_loaded(_NAMESPACE)
 
 
-def load_cpu_emulation(verbose: bool = False, build_directory: Optional[str] = None) -> SimpleNamespace:
+_EMULATION_BUILD: Optional[str] = None  # which build of the emulation this process loaded
+
+
+#: load_cpu_emulation's sanitizers: the runtime library each needs preloaded, its compile flags.
+_SANITIZERS = {
+    "thread": ("libtsan", ["-O1", "-g", "-fsanitize=thread"]),
+    # recoverable: one run reports every bad access instead of stopping at the first
+    "address": ("libasan", ["-O1", "-g", "-fsanitize=address", "-fsanitize-recover=address",
+                            "-fno-omit-frame-pointer"]),
+}
+
+
+def _runtime_loaded(library: str) -> bool:
+    try:
+        with open("/proc/self/maps") as maps:
+            return library in maps.read()
+    except OSError:
+        return False
+
+
+def load_cpu_emulation(verbose: bool = False, build_directory: Optional[str] = None,
+                       sanitize: Optional[str] = None) -> SimpleNamespace:
     """Build the kernels against the CPU emulation of ``csrc/cpu_emulation/cuda_emu.h`` (tests only).
 
     Returns the three primitives (``info_nce``, ``exp_gram_sum``, ``itc_soft_ce``) for CPU tensors,
     running the very kernel and op-wrapper sources of the CUDA build (threads of a block as real
     threads, one block at a time; slow: tiny shapes only), plus ``ops`` (``torch.ops.lsr_kernels_emu``).
+
+    ``sanitize`` builds it (separately, ``-O1 -g``) with ThreadSanitizer (``"thread"``: any two
+    threads of a block touching the same memory with no barrier between them, a missing
+    ``__syncthreads``) or AddressSanitizer (``"address"``: any access past a global buffer or the
+    block's shared memory). Python must run with that sanitizer's runtime preloaded
+    (``LD_PRELOAD=$(gcc -print-file-name=libtsan.so)``, ``libasan.so``);
+    ``scripts/cuda_emu_sanitize.py`` does that.
     """
+    if sanitize is not None and sanitize not in _SANITIZERS:
+        raise ValueError(f"sanitize: expected None, 'thread' or 'address', got {sanitize!r}")
+    if sanitize is not None and not _runtime_loaded(_SANITIZERS[sanitize][0]):
+        runtime = _SANITIZERS[sanitize][0]
+        raise RuntimeError(f"load_cpu_emulation(sanitize={sanitize!r}): the sanitizer's runtime is not loaded; run "
+                           f"Python with LD_PRELOAD=$(gcc -print-file-name={runtime}.so) "
+                           f"(or use scripts/cuda_emu_sanitize.py)")
+    global _EMULATION_BUILD
+    if _ops_registered(_EMULATION_NAMESPACE) and _EMULATION_BUILD != (sanitize or "plain"):
+        raise RuntimeError(f"load_cpu_emulation(sanitize={sanitize!r}): this process already loaded the "
+                           f"{_EMULATION_BUILD} build (one per process: the ops share a namespace)")
     if not _ops_registered(_EMULATION_NAMESPACE):
         from torch.utils import cpp_extension
 
+        name, flags, ldflags = "lsr_kernels_cpu_emulation", ["-O2"], []
+        if sanitize is not None:
+            flags = _SANITIZERS[sanitize][1]
+            name, ldflags = f"{name}_{sanitize}", [f for f in flags if f.startswith("-fsanitize=")]
         cpp_extension.load(
-            name="lsr_kernels_cpu_emulation",
+            name=name,
             sources=_sources(_EMULATION_SOURCES),
             extra_include_paths=[str(CSRC_DIR)] + cuda_include_dirs(),
-            extra_cflags=["-O2", "-DLSR_CPU_EMULATION", "-pthread", "-Wno-attributes"],
-            extra_ldflags=["-pthread"],
+            extra_cflags=flags + ["-DLSR_CPU_EMULATION", "-pthread", "-Wno-attributes"],
+            extra_ldflags=ldflags + ["-pthread"],
             build_directory=build_directory,
             verbose=verbose,
             with_cuda=False,
             is_python_module=False,
         )
+        _EMULATION_BUILD = sanitize or "plain"
     _register_fakes(_EMULATION_NAMESPACE)
     return _primitives(_EMULATION_NAMESPACE)
 
