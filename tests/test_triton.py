@@ -648,12 +648,23 @@ _EVERY_CONFIG = (
     + [pytest.param("exp_gram_bwd", i, id=f"exp_gram_bwd-{i}") for i in range(len(exp_gram.BACKWARD_CONFIGS))])
 
 
+def _inside_nan(x):
+    """``x`` as a view into a NaN-filled buffer (a row before, two after, 2 columns left and 5 right of
+    every row): a kernel that reads outside its input, past D or past the last row, turns the result
+    into NaN instead of reading whatever lies there."""
+    n, d = x.shape
+    buffer = torch.full((n + 3, d + 7), float("nan"), dtype=x.dtype, device=x.device)
+    buffer[1:n + 1, 2:d + 2] = x
+    return buffer[1:n + 1, 2:d + 2]
+
+
 def _check_config(family, index, device, dtype, n, d, bank_extra, loss_tol, grad_tol):
     """Config ``index`` of ``family`` (clamped to D as the autotuner's pruning would), run explicitly
-    (bypassing the autotuner), against the float64 reference on the same ``dtype`` inputs."""
+    (bypassing the autotuner), against the float64 reference on the same ``dtype`` inputs, which lie
+    inside NaN (:func:`_inside_nan`)."""
     width = _common.padded_width(d)
-    a, b, q_m = (unit_rows(n, d, device=device, requires_grad=False).to(dtype) for _ in range(3))
-    bank = unit_rows(n + bank_extra, d, device=device, requires_grad=False).to(dtype)
+    a, b, q_m = (_inside_nan(unit_rows(n, d, device=device, requires_grad=False).to(dtype)) for _ in range(3))
+    bank = _inside_nan(unit_rows(n + bank_extra, d, device=device, requires_grad=False).to(dtype))
     s = torch.tensor(20.0, device=device)
     grad = torch.tensor(1.0, device=device)
     ex = [t.double().requires_grad_() for t in (a, b)]
