@@ -37,13 +37,13 @@ import time
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
 TENSOR_CORE = ("bf16", "fp16")
-# tool: (load_cpu_emulation's sanitize, runtime library, options variable, options, report marker)
+# tool: (load_cpu_emulation's sanitize, options variable, options, report marker); the runtime library
+# each needs comes from lsr_kernels.backends.cuda._SANITIZERS
 TOOLS = {
     # keep going past the first report (the parent counts them per case); exit status left to us
-    "racecheck": ("thread", "libtsan", "TSAN_OPTIONS",
+    "racecheck": ("thread", "TSAN_OPTIONS",
                   "halt_on_error=0 exitcode=0 report_signal_unsafe=0 history_size=4", "ThreadSanitizer"),
-    "memcheck": ("address", "libasan", "ASAN_OPTIONS",
-                 "halt_on_error=0 detect_leaks=0 exitcode=0", "AddressSanitizer"),
+    "memcheck": ("address", "ASAN_OPTIONS", "halt_on_error=0 detect_leaks=0 exitcode=0", "AddressSanitizer"),
 }
 BEGIN, END = "@@sanitize begin ", "@@sanitize end "
 MUST_REPORT, MUST_PASS = "control, must be reported: ", "control, must pass: "
@@ -175,7 +175,10 @@ def parse(stderr: str, marker: str):
 
 
 def check(tool: str, args) -> bool:
-    sanitize, library, variable, options, marker = TOOLS[tool]
+    from lsr_kernels.backends.cuda import _SANITIZERS
+
+    sanitize, variable, options, marker = TOOLS[tool]
+    library = _SANITIZERS[sanitize][0]
     runtime = runtime_library(library)
     if not runtime:
         print(f"{tool}: the C++ compiler has no {marker} runtime ({library}.so); install it (Debian: "
