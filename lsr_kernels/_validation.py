@@ -7,6 +7,7 @@ assume valid, contiguous inputs.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -15,25 +16,56 @@ from torch import Tensor
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+#: The feature matrices an ALBEF ITC call cannot do without (the queues are optional).
+ITC_REQUIRED = ("image_features", "text_features", "image_features_m", "text_features_m")
+
+#: Largest uniformity temperature accepted. The j = k terms of L_uni are exp(-t_u * d_jj) with
+#: d_jj = |x|^2 + |x|^2 - 2 <x, x>, zero only up to fp32 rounding (~1e-7): past ~1e4 that rounding
+#: decides the loss (and past ~1e20 every term underflows to 0 and the log to -inf).
+MAX_UNIFORMITY_T = 1e4
+
+
 def _describe(x: Tensor) -> str:
     return f"shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
 
 
-def check_features(named: Dict[str, Optional[Tensor]], *, width_only: Sequence[str] = ()) -> Tuple[int, int]:
+def check_tensor(name: str, x) -> Tensor:
+    """``x`` must be a dense (strided) tensor; the error names the argument and what it got."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {x.layout} ({_describe(x)}); "
+                        f"call .to_dense() first")
+    return x
+
+
+def as_number(name: str, value) -> float:
+    """A real scalar argument (Python or NumPy number) as a Python float; anything else is a TypeError."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, Tensor):
+        raise TypeError(f"{name}: expected a Python number, got a Tensor of shape {tuple(value.shape)} "
+                        f"(pass float(...) of it)")
+    raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+
+
+def check_features(named: Dict[str, Optional[Tensor]], *, width_only: Sequence[str] = (),
+                   required: Sequence[str] = ()) -> Tuple[int, int]:
     """Check a set of feature matrices; return ``(N, D)``.
 
-    Every tensor must be a 2-D floating ``[N, D]`` matrix (``[K, D]`` for names in ``width_only``,
-    the queues) with one dtype and one device across the set. ``None`` entries are skipped.
-    The first entry fixes ``N``, ``D``, dtype and device.
+    Every tensor must be a dense 2-D floating ``[N, D]`` matrix (``[K, D]`` for names in ``width_only``,
+    the queues) with one dtype and one device across the set. ``None`` entries are skipped unless
+    their name is in ``required``. The first entry fixes ``N``, ``D``, dtype and device.
     """
     first_name = None
     n = d = None
     dtype = device = None
     for name, x in named.items():
         if x is None:
+            if name in required:
+                raise TypeError(f"{name}: expected a torch.Tensor, got None (it is required)")
             continue
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+        check_tensor(name, x)
         if x.dim() != 2:
             raise ValueError(f"{name}: expected a 2-D [N, D] feature matrix, got {_describe(x)}")
         if x.dtype not in FLOAT_DTYPES:
@@ -62,15 +94,22 @@ def check_features(named: Dict[str, Optional[Tensor]], *, width_only: Sequence[s
 def check_scale(logit_scale, like: Tensor) -> Tensor:
     """Return the logit scale as a 0-dim tensor on ``like``'s device; reject non-scalars and s <= 0.
 
-    ``logit_scale`` is the already-exponentiated multiplier (open_clip's convention). A Python number
-    becomes a constant tensor. The positivity check reads the value (one host sync per call, skipped
-    while ``torch.compile`` traces).
+    ``logit_scale`` is the already-exponentiated multiplier (open_clip's convention). A Python or
+    NumPy number becomes a constant tensor. The value must be finite in the dtype the logits are
+    computed in (fp64 for fp64 features, fp32 otherwise). The check reads the value (one host sync
+    per call, skipped while ``torch.compile`` traces).
     """
-    if isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool):
-        logit_scale = torch.tensor(float(logit_scale), device=like.device,
-                                   dtype=like.dtype if like.dtype == torch.float64 else torch.float32)
+    compute = torch.float64 if like.dtype == torch.float64 else torch.float32
+    limit = torch.finfo(compute).max
+    if isinstance(logit_scale, numbers.Real) and not isinstance(logit_scale, bool):
+        value = float(logit_scale)
+        if not (0 < value <= limit):
+            raise ValueError(f"logit_scale: expected a finite positive multiplier (already exponentiated, "
+                             f"as open_clip passes logit_scale.exp()) representable in {compute}, got {value!r}")
+        return torch.tensor(value, device=like.device, dtype=compute)
     if not isinstance(logit_scale, Tensor):
         raise TypeError(f"logit_scale: expected a scalar tensor or a number, got {type(logit_scale).__name__}")
+    check_tensor("logit_scale", logit_scale)
     if logit_scale.numel() != 1:
         raise ValueError(f"logit_scale: expected a scalar (one element), got shape {tuple(logit_scale.shape)}")
     if not logit_scale.is_floating_point():
@@ -80,34 +119,46 @@ def check_scale(logit_scale, like: Tensor) -> Tensor:
     logit_scale = logit_scale.reshape(())
     if not torch.compiler.is_compiling():
         value = float(logit_scale.detach())
-        if not (value > 0 and math.isfinite(value)):
+        if not (0 < value <= limit):
             raise ValueError(f"logit_scale: expected a finite positive multiplier (already exponentiated, "
-                             f"as open_clip passes logit_scale.exp()), got {value}")
+                             f"as open_clip passes logit_scale.exp()) representable in {compute}, got {value}")
     return logit_scale
 
 
 def check_open_interval(name: str, value: float, low: float, high: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (low < value < high):
+    value = as_number(name, value)
+    if not (low < value < high):
         raise ValueError(f"{name}: expected a number in ({low}, {high}), got {value!r}")
-    return float(value)
+    return value
 
 
 def check_unit_interval(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 <= value <= 1.0):
+    value = as_number(name, value)
+    if not (0.0 <= value <= 1.0):
         raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
-    return float(value)
+    return value
 
 
 def check_positive(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 < value < math.inf):
+    value = as_number(name, value)
+    if not (0.0 < value < math.inf):
         raise ValueError(f"{name}: expected a finite positive number, got {value!r}")
-    return float(value)
+    return value
+
+
+def check_uniformity_t(value: float) -> float:
+    value = check_positive("uniformity_t", value)
+    if value > MAX_UNIFORMITY_T:
+        raise ValueError(f"uniformity_t: expected at most {MAX_UNIFORMITY_T:g} (the paper uses 2; beyond that the "
+                         f"j = k terms of the uniformity sum are decided by rounding), got {value!r}")
+    return value
 
 
 def check_weight(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 <= value < math.inf):
+    value = as_number(name, value)
+    if not (0.0 <= value < math.inf):
         raise ValueError(f"{name}: expected a finite weight >= 0 (0 switches the term off), got {value!r}")
-    return float(value)
+    return value
 
 
 def require(term: str, named: Dict[str, Optional[Tensor]]) -> None:
@@ -127,8 +178,8 @@ def check_lsr_call(features: Dict[str, Optional[Tensor]], logit_scale, sep_weigh
     """
     weights = (check_weight("sep_weight", sep_weight), check_weight("bridge_weight", bridge_weight),
                check_weight("gc_weight", gc_weight))
-    params = (check_open_interval("bridge_t", bridge_t, 0.0, 1.0), check_positive("uniformity_t", uniformity_t))
-    check_features(features)
+    params = (check_open_interval("bridge_t", bridge_t, 0.0, 1.0), check_uniformity_t(uniformity_t))
+    check_features(features, required=("image_features", "text_features"))
     scale = check_scale(logit_scale, features["image_features"])
     image_aug, text_aug = features["image_aug"], features["text_aug"]
     # One view without the other would silently drop the in-modal terms: only the bridge uses
@@ -162,3 +213,13 @@ def check_info_nce_operands(a: Tensor, b: Tensor, symmetric: bool, offset) -> in
         raise ValueError(f"offset: expected 0 <= offset <= M - N = {m - n} (a {tuple(a.shape)}, b {tuple(b.shape)}), "
                          f"got {offset}")
     return offset
+
+
+def refuse_double_backward(backend: str, primitive: str,
+                           hint: str = "use backend='reference' for higher-order gradients") -> None:
+    """Call first thing in a fused backward. Those backwards are written by hand (kernels, in-place
+    tile arithmetic) and are not differentiable themselves: under ``create_graph=True`` fail loudly
+    rather than return second derivatives that silently miss this term."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{backend}.{primitive}: double backward (create_graph=True) is not supported; "
+                           f"{hint}")

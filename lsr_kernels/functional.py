@@ -51,7 +51,8 @@ def lsr_loss(
         sep_weight, bridge_weight, gc_weight: a weight of 0 (the default: plain CLIP) switches the term
             off and makes its inputs optional. The paper's values are ``1``, ``1`` and ``0.25``.
         bridge_t: the bridge position ``t`` in (0, 1) (paper: 0.25).
-        uniformity_t: the uniformity temperature ``t_u`` > 0 (paper: 2).
+        uniformity_t: the uniformity temperature ``t_u`` in (0, 1e4] (paper: 2; past 1e4 fp32 rounding
+            of the Gram diagonal would decide the loss).
         backend: ``"auto"``, ``"reference"``, ``"chunked"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
@@ -114,7 +115,7 @@ def itc_loss(
     features = {"image_features": image_features, "text_features": text_features,
                 "image_features_m": image_features_m, "text_features_m": text_features_m,
                 "image_queue": image_queue, "text_queue": text_queue}
-    V.check_features(features, width_only=("image_queue", "text_queue"))
+    V.check_features(features, width_only=("image_queue", "text_queue"), required=V.ITC_REQUIRED)
     scale = V.check_scale(logit_scale, image_features)
     args = {k: _contiguous(v) for k, v in features.items()}
     name = backends.resolve_itc_call(backend, features)

@@ -8,14 +8,19 @@ every loss computes this rank's rows against all ranks' columns through :mod:`ls
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import distributed, functional
+from . import backends, distributed, functional
 from . import _validation as V
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class _DistributedArgs(nn.Module):
@@ -25,17 +30,19 @@ class _DistributedArgs(nn.Module):
                  world_size: int, use_horovod: bool, backend: str, distributed_mode: str = "gather",
                  process_group=None):
         super().__init__()
-        if not isinstance(world_size, int) or world_size < 1:
+        if not _is_int(world_size) or world_size < 1:
             raise ValueError(f"world_size: expected an int >= 1, got {world_size!r}")
-        if not isinstance(rank, int) or not 0 <= rank < world_size:
+        if not _is_int(rank) or not 0 <= rank < world_size:
             raise ValueError(f"rank: expected an int in [0, world_size = {world_size}), got {rank!r}")
+        if backend not in backends.BACKENDS:  # at construction, not at the first step
+            raise ValueError(f"backend: expected one of {backends.BACKENDS}, got {backend!r}")
         if use_horovod:
             raise ValueError("use_horovod: Horovod is not supported; use torch.distributed")
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels  # accepted for open_clip compatibility: no labels are built
-        self.rank = rank
-        self.world_size = world_size
+        self.rank = int(rank)
+        self.world_size = int(world_size)
         self.backend = backend
         self.distributed_mode = distributed._check_mode(distributed_mode)
         #: ``None``: the default group. Not a submodule or buffer: it is process state.
@@ -110,7 +117,7 @@ class LSRLoss(_DistributedArgs):
         self.bridge_weight = V.check_weight("bridge_weight", bridge_weight)
         self.gc_weight = V.check_weight("gc_weight", gc_weight)
         self.bridge_t = V.check_open_interval("bridge_t", bridge_t, 0.0, 1.0)
-        self.uniformity_t = V.check_positive("uniformity_t", uniformity_t)
+        self.uniformity_t = V.check_uniformity_t(uniformity_t)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, *,
                 image_aug: Optional[Tensor] = None, text_aug: Optional[Tensor] = None,
@@ -167,6 +174,10 @@ class ITCLoss(_DistributedArgs):
                             image_features_m: Tensor, text_features_m: Tensor) -> None:
         """ALBEF's ``_dequeue_and_enqueue``: append every rank's momentum features (in rank order) to
         both queues, identically on every rank; call it after the loss, as ALBEF does."""
+        for name, queue in (("image_queue", image_queue), ("text_queue", text_queue)):
+            if not isinstance(queue, FeatureQueue):
+                raise TypeError(f"{name}: expected a FeatureQueue (its buffer is queue.features), "
+                                f"got {type(queue).__name__}")
         group = self.process_group if self.world_size > 1 else False
         image_queue.enqueue_gathered(image_features_m, group=group)
         text_queue.enqueue_gathered(text_features_m, group=group)
@@ -183,10 +194,13 @@ class FeatureQueue(nn.Module):
     def __init__(self, size: int, dim: int, dtype: torch.dtype = torch.float32,
                  device: Optional[torch.device] = None, generator: Optional[torch.Generator] = None):
         super().__init__()
-        if not isinstance(size, int) or size < 1:
+        if not _is_int(size) or size < 1:
             raise ValueError(f"size: expected an int >= 1, got {size!r}")
-        if not isinstance(dim, int) or dim < 1:
+        if not _is_int(dim) or dim < 1:
             raise ValueError(f"dim: expected an int >= 1, got {dim!r}")
+        if dtype not in V.FLOAT_DTYPES:
+            raise TypeError(f"dtype: expected one of {V.FLOAT_DTYPES} (the queue holds features), got {dtype!r}")
+        size, dim = int(size), int(dim)
         init = torch.randn(size, dim, generator=generator, dtype=torch.float32)
         self.register_buffer("features", F.normalize(init, dim=1).to(device=device, dtype=dtype))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device))
@@ -199,8 +213,14 @@ class FeatureQueue(nn.Module):
     def enqueue(self, rows: Tensor) -> None:
         """Append ``rows`` ``[B, dim]`` (any B >= 0), overwriting the oldest; same result as adding
         them one by one. When ``B > size`` only the last ``size`` rows stay."""
+        V.check_tensor("rows", rows)
         if rows.dim() != 2 or rows.shape[1] != self.features.shape[1]:
             raise ValueError(f"rows: expected [B, {self.features.shape[1]}], got shape {tuple(rows.shape)}")
+        if not rows.is_floating_point():
+            raise TypeError(f"rows: expected floating features, got dtype {rows.dtype}")
+        if rows.device != self.features.device:
+            raise ValueError(f"rows: device {rows.device} differs from the queue's {self.features.device} "
+                             f"(move the queue with .to(), or the rows)")
         b = rows.shape[0]
         if b == 0:
             return

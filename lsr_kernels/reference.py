@@ -213,8 +213,11 @@ def exp_gram_sum(x: Tensor, t: float) -> Tensor:
 
 def itc_soft_ce(q: Tensor, q_m: Tensor, bank: Tensor, scale: Tensor, alpha: float) -> Tensor:
     """``-(1/N) sum_ij Y_ij log softmax(s q bank^T)_ij`` with
-    ``Y = alpha softmax(s q_m bank^T) + (1 - alpha) I`` (positives: the first N rows of ``bank``)."""
+    ``Y = alpha softmax(s q_m bank^T) + (1 - alpha) I`` (positives: the first N rows of ``bank``).
+    Gradients reach ``q`` and ``scale`` only: the bank, like the soft targets, is a constant
+    (ALBEF's momentum features and queue), as in every backend's primitive."""
     n = q.shape[0]
+    bank = bank.detach()
     log_p = torch.log_softmax(_logits(q, bank, scale), dim=1)
     with torch.no_grad():
         targets = alpha * torch.softmax(_logits(q_m, bank, scale), dim=1)

@@ -153,6 +153,17 @@ def _bad(match, exc=ValueError, **overrides):
     dict(match=r"bridge \(bridge_weight > 0\) is on but image_aug is missing",
          image_aug=None, text_aug=None, bridge_weight=1.0),
     dict(match=r"text_aug was given without image_aug", image_aug=None),
+    dict(match=r"image_features: expected a torch.Tensor, got None", exc=TypeError, image_features=None),
+    dict(match=r"text_features: expected a torch.Tensor, got None", exc=TypeError, text_features=None),
+    dict(match=r"text_features: expected a dense \(strided\) tensor, got layout torch.sparse_coo", exc=TypeError,
+         text_features=unit_rows(6, 4).detach().to_sparse()),
+    dict(match=r"logit_scale: .*representable in torch.float32, got 1e\+39", logit_scale=1e39),
+    dict(match=r"logit_scale: .*representable in torch.float32, got 1e\+39",
+         logit_scale=torch.tensor(1e39, dtype=torch.float64)),
+    dict(match=r"logit_scale: expected a finite positive", logit_scale=float("inf")),
+    dict(match=r"uniformity_t: expected at most 10000", uniformity_t=1e6),
+    dict(match=r"gc_weight: expected a Python number, got a Tensor", exc=TypeError, gc_weight=torch.tensor(0.5)),
+    dict(match=r"sep_weight: expected a number, got str", exc=TypeError, sep_weight="1"),
 ])
 def test_bad_lsr_inputs(case):
     _bad(**case)
@@ -176,6 +187,83 @@ def test_bad_itc_inputs(kw, match):
     v, t, vm, tm = (unit_rows(6, 4) for _ in range(4))
     with pytest.raises(ValueError, match=match):
         lsr_kernels.itc_loss(v, t, vm, tm, torch.tensor(10.0), backend="reference", **kw)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+@pytest.mark.parametrize("missing", ["image_features", "text_features", "image_features_m", "text_features_m"])
+def test_itc_missing_feature_names_it(backend, missing):
+    args = {k: unit_rows(6, 4) for k in ("image_features", "text_features", "image_features_m", "text_features_m")}
+    args[missing] = None
+    with pytest.raises(TypeError, match=rf"{missing}: expected a torch.Tensor, got None"):
+        lsr_kernels.itc_loss(*args.values(), torch.tensor(10.0), backend=backend)
+
+
+def test_itc_alpha_must_be_a_number():
+    v, t, vm, tm = (unit_rows(6, 4) for _ in range(4))
+    with pytest.raises(TypeError, match=r"alpha: expected a Python number, got a Tensor"):
+        lsr_kernels.itc_loss(v, t, vm, tm, 10.0, alpha=torch.tensor(0.4), backend="reference")
+
+
+def test_fused_backend_ignores_autocast():
+    """README: the fused backends compute in the features' dtype under an enclosing autocast."""
+    feats, s = lsr_inputs(7, 5)
+    plain = _call(feats, s, backend="chunked", **ALL_ON)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = _call(feats, s, backend="chunked", **ALL_ON)
+    for key in plain:
+        assert torch.equal(plain[key], under[key]), key
+
+
+def test_numpy_scalars_are_numbers():
+    """Settings read from configs arrive as NumPy scalars: they act as the Python numbers they hold."""
+    np = pytest.importorskip("numpy")
+    feats, s = lsr_inputs(6, 4)
+    plain = _call(feats, s, backend="reference", sep_weight=0.5, gc_weight=0.25, bridge_t=0.25)
+    as_numpy = _call(feats, s, backend="reference", sep_weight=np.float32(0.5), gc_weight=np.float64(0.25),
+                     bridge_t=np.float32(0.25))
+    assert torch.equal(plain["loss"], as_numpy["loss"])
+    v, t = feats["image_features"], feats["text_features"]
+    assert torch.equal(lsr_kernels.clip_loss(v, t, np.float32(10.0), backend="reference"),
+                       lsr_kernels.clip_loss(v, t, 10.0, backend="reference"))
+    module = lsr_kernels.ClipLoss(rank=np.int64(0), world_size=np.int64(1))
+    assert module.world_size == 1 and type(module.world_size) is int
+
+
+@pytest.mark.parametrize("module", [lsr_kernels.ClipLoss, LSRLoss, ITCLoss])
+def test_module_rejects_an_unknown_backend_when_built(module):
+    with pytest.raises(ValueError, match=r"backend: expected one of .*got 'tritn'"):
+        module(backend="tritn")
+
+
+@pytest.mark.parametrize("rows,exc,match", [
+    (None, TypeError, r"rows: expected a torch.Tensor, got NoneType"),
+    ([[1.0, 0.0, 0.0]], TypeError, r"rows: expected a torch.Tensor, got list"),
+    (torch.ones(2, 3, dtype=torch.long), TypeError, r"rows: expected floating features, got dtype torch.int64"),
+    (torch.ones(2, 3, dtype=torch.bool), TypeError, r"rows: expected floating features"),
+    (torch.ones(2, 3, device="meta"), ValueError, r"rows: device meta differs from the queue's cpu"),
+    (torch.ones(2, 3).to_sparse(), TypeError, r"rows: expected a dense"),
+])
+def test_queue_rejects_bad_rows(rows, exc, match):
+    queue = FeatureQueue(4, 3)
+    before = queue.features.clone()
+    with pytest.raises(exc, match=match):
+        queue.enqueue(rows)
+    assert torch.equal(queue.features, before) and int(queue.ptr) == 0
+
+
+@pytest.mark.parametrize("args,kw,exc,match", [
+    ((True, 8), {}, ValueError, r"size: expected an int >= 1, got True"),
+    ((4, 2.0), {}, ValueError, r"dim: expected an int >= 1, got 2.0"),
+    ((4, 8), dict(dtype=torch.int64), TypeError, r"dtype: expected one of .*got torch.int64"),
+])
+def test_queue_rejects_bad_construction(args, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        FeatureQueue(*args, **kw)
+
+
+def test_dequeue_and_enqueue_wants_feature_queues():
+    with pytest.raises(TypeError, match=r"image_queue: expected a FeatureQueue .*got Tensor"):
+        ITCLoss().dequeue_and_enqueue(torch.zeros(8, 4), FeatureQueue(8, 4), unit_rows(2, 4), unit_rows(2, 4))
 
 
 def test_queue_longer_than_batch_with_its_own_length_is_fine():

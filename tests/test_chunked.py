@@ -309,6 +309,17 @@ def test_default_block_size():
         C.default_block_size(0, 4, cpu)
 
 
+@pytest.mark.parametrize("call,match", [
+    (lambda x: C.itc_soft_ce(x, x, x, torch.tensor(5.0), 1.5), r"alpha: expected a number in \[0, 1\], got 1.5"),
+    (lambda x: C.exp_gram_sum(x, 0.0), r"t: expected a finite positive number, got 0.0"),
+    (lambda x: C.exp_gram_sum(x, float("nan")), r"t: expected a finite positive number"),
+])
+def test_primitives_check_their_settings(call, match):
+    # the primitives are public in lsr_kernels.backends.chunked: a setting out of range is no silent number
+    with pytest.raises(ValueError, match=match):
+        call(torch.randn(4, 3))
+
+
 def test_itc_wide_bank_is_split_into_column_blocks():
     # A bank of 2^20 rows: a single rows x M tile would not fit the CPU budget.
     n, d, m = 64, 8, 1 << 20

@@ -57,6 +57,15 @@ def test_itc_matches_albef(n, d, k, alpha):
         assert rel_err(g, h) < 1e-11
 
 
+def test_itc_primitive_gives_the_bank_no_gradient():
+    """The primitive contract (lsr_kernels.backends): gradients reach q and the scale only, in the
+    reference as in the fused backends, even when the caller passes a bank that requires grad."""
+    q, q_m, bank = unit_rows(5, 4), unit_rows(5, 4, requires_grad=False), unit_rows(9, 4)
+    loss = R.itc_soft_ce(q, q_m, bank, torch.tensor(5.0), 0.4)
+    g_q, g_bank = torch.autograd.grad(loss, [q, bank], allow_unused=True)
+    assert g_q is not None and g_bank is None
+
+
 # ------------------------------------------------------------------------------------ properties
 def test_geometric_zero_when_texts_equal_images():
     v = unit_rows(20, 8, torch.float64)

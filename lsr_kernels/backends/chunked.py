@@ -185,14 +185,6 @@ def _scale_grad_from_features(x: Tensor, grad_x: Tensor, s: Tensor) -> Tensor:
     return torch.tensordot(x.to(wide), grad_x.to(wide), dims=2) / s
 
 
-def _refuse_double_backward(primitive: str) -> None:
-    # The backward is written by hand with in-place tile arithmetic and is not itself differentiable:
-    # fail loudly rather than return second derivatives that silently miss this term.
-    if torch.is_grad_enabled():
-        raise RuntimeError(f"chunked.{primitive}: double backward (create_graph=True) is not supported; "
-                           f"use backend='reference' for higher-order gradients")
-
-
 # ------------------------------------------------------------------------------------- info_nce
 class _InfoNCEEager(torch.autograd.Function):
     """One-way ``CE(s a b^T)`` in fp32/fp64 with its gradients formed during the forward.
@@ -243,7 +235,7 @@ class _InfoNCEEager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        _refuse_double_backward("info_nce")
+        V.refuse_double_backward("chunked", "info_nce")
         grad_a, grad_b, grad_s = ctx.saved_tensors
         g = grad_loss.to(grad_a.dtype if grad_a is not None else grad_b.dtype)
         scale_dtype, scale_shape = ctx.scale_meta
@@ -284,7 +276,7 @@ class _InfoNCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        _refuse_double_backward("info_nce")
+        V.refuse_double_backward("chunked", "info_nce")
         a, b, scale, row_lse, col_lse = ctx.saved_tensors
         need_a, need_b, need_scale = ctx.needs_input_grad[:3]
         if not (need_a or need_b or need_scale):
@@ -397,7 +389,7 @@ class _ExpGramSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total: Tensor):
-        _refuse_double_backward("exp_gram_sum")
+        V.refuse_double_backward("chunked", "exp_gram_sum")
         (x,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None
@@ -429,6 +421,7 @@ def exp_gram_sum(x: Tensor, t: float, *, block_size: Optional[int] = None) -> Te
     diagonal only, in row blocks of ``block_size``."""
     if x.dim() != 2:
         raise ValueError(f"exp_gram_sum: x must be an [N, D] matrix, got shape {tuple(x.shape)}")
+    t = V.check_positive("t", t)
     block = _rows_per_block(block_size, x.shape[0], x.shape[0], x.shape[1], x.device)
     return _ExpGramSum.apply(x, float(t), block)
 
@@ -495,7 +488,7 @@ class _ITCSoftCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        _refuse_double_backward("itc_soft_ce")
+        V.refuse_double_backward("chunked", "itc_soft_ce")
         q, q_m, bank, scale, lse, lse_m = ctx.saved_tensors
         need_q, need_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         if not (need_q or need_scale):
@@ -593,6 +586,7 @@ def itc_soft_ce(q: Tensor, q_m: Tensor, bank: Tensor, scale: Tensor, alpha: floa
         raise ValueError(f"itc_soft_ce: q and q_m must be the same [N, D] shape, got q {tuple(q.shape)}, "
                          f"q_m {tuple(q_m.shape)}")
     n, d = q.shape
+    alpha = V.check_unit_interval("alpha", alpha)
     if bank.dim() != 2 or bank.shape[1] != d or bank.shape[0] < n:
         raise ValueError(f"itc_soft_ce: bank must be [M, D] with M >= N = {n} and D = {d} "
                          f"(its first N rows are the positives), got {tuple(bank.shape)}")
