@@ -82,6 +82,7 @@ enqueues the momentum features with :meth:`lsr_kernels.FeatureQueue.enqueue_gath
 """
 from __future__ import annotations
 
+import numbers
 import struct
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -89,7 +90,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import backends, composite, reference
 from . import _validation as V
@@ -201,6 +201,10 @@ def _wait(requests) -> None:
 
 
 # ------------------------------------------------------------------- collectives with gradients
+# The collectives' backwards run outside autograd (in-place NCCL/Gloo calls): no second derivatives.
+_HIGHER_ORDER = "higher-order gradients need the single-process API with backend='reference'"
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """All ranks' rows; the backward sums every rank's gradient of this rank's block."""
 
@@ -211,6 +215,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        V.refuse_double_backward("distributed", "all_gather", _HIGHER_ORDER)
         return _reduce_scatter_sum(grad.clone(memory_format=torch.contiguous_format), ctx.group), None
 
 
@@ -226,6 +231,7 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        V.refuse_double_backward("distributed", "all_reduce", _HIGHER_ORDER)
         out = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out, group=ctx.group)
         return out, None
@@ -242,6 +248,7 @@ class _MeanGradOverRanks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        V.refuse_double_backward("distributed", "all_reduce", _HIGHER_ORDER)
         out = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out, group=ctx.group)
         return out / dist.get_world_size(ctx.group), None
@@ -515,8 +522,8 @@ class _RowTerms(torch.autograd.Function):
         return torch.stack(out)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: Tensor):
+        V.refuse_double_backward("distributed", "row terms", _HIGHER_ORDER)
         scale, *tensors = ctx.saved_tensors
         spec, lse, gathered = ctx.spec, ctx.lse, ctx.gathered
         need_scale = ctx.needs_input_grad[0]
@@ -753,7 +760,7 @@ def _start(call: str, tensors: Dict[str, object], settings: Dict[str, object], v
             raise ValueError(f"rank: the loss was built with rank = {rank} but this process is rank "
                              f"{actual_rank} of the process group")
         validated = validate()
-    except (ValueError, TypeError) as err:
+    except Exception as err:  # any local failure must reach the agreement step, or the others hang
         local_error = err
     agree_across_ranks(call, tensors, settings, local_error, group)
     return world, actual_rank, validated
@@ -902,7 +909,7 @@ def itc_loss(image_features: Tensor, text_features: Tensor, image_features_m: Te
 
     def validate():
         checked_alpha = V.check_unit_interval("alpha", alpha)
-        V.check_features(features, width_only=_QUEUE_NAMES)
+        V.check_features(features, width_only=_QUEUE_NAMES, required=V.ITC_REQUIRED)
         scale = V.check_scale(logit_scale, image_features)
         return checked_alpha, scale, backends.resolve_itc_call(backend, features)
 
@@ -934,7 +941,7 @@ def gather_for_queue(rows: Tensor, group=None) -> Tensor:
     """Every rank's ``rows`` (momentum features to enqueue) in rank order, without gradient, after
     checking that every rank holds the same shape (so the queues stay identical)."""
     def validate():
-        V.check_features({"rows": rows})
+        V.check_features({"rows": rows}, required=("rows",))
         return None
 
     _start("enqueue", {"rows": rows}, {}, validate, group, None, None)
@@ -942,7 +949,7 @@ def gather_for_queue(rows: Tensor, group=None) -> Tensor:
 
 
 def _as_float(value) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else float("nan")
 
 
 def _as_str(value) -> str:

@@ -575,6 +575,23 @@ def test_emulated_fake_registrations(emu):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("primitive", ["symmetric", "one-way", "one-way-b", "itc", "exp_gram"])
+def test_emulated_double_backward_is_refused(emu, primitive):
+    """The autograd Functions over the ops (shared by the GPU build) have no second derivatives: with
+    create_graph=True they must fail loudly, not return None or the first-order pieces as constants."""
+    a, b = unit_rows(6, 4, torch.float32, "cpu"), unit_rows(6, 4, torch.float32, "cpu")
+    s = _scale(5.0, torch.float32, "cpu")
+    bank = unit_rows(9, 4, torch.float32, "cpu").detach()
+    calls = {"symmetric": lambda: emu.info_nce(a, b, s, True), "one-way": lambda: emu.info_nce(a, b, s, False),
+             "one-way-b": lambda: emu.info_nce(a.detach(), b, s, False),
+             "itc": lambda: emu.itc_soft_ce(a, b.detach(), bank, s, 0.4),
+             "exp_gram": lambda: emu.exp_gram_sum(a, 2.0)}
+    loss = calls[primitive]()
+    wrt = [x for x in (a, b, s) if x.requires_grad]
+    with pytest.raises(RuntimeError, match=r"cuda\.\w+: double backward \(create_graph=True\) is not supported"):
+        torch.autograd.grad(loss, wrt, create_graph=True, allow_unused=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_emulated_primitives_trace_with_torch_compile(emu, backend):

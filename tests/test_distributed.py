@@ -19,6 +19,7 @@ What is checked against what:
 from __future__ import annotations
 
 import datetime
+import gc
 import importlib.util
 import os
 import re
@@ -55,8 +56,12 @@ def _worker(rank, world_size, init_file, pg_backend, job, args):
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
         job(rank, world_size, *args)
+        # Free, while the group is alive, autograd graphs that caught errors keep in reference cycles
+        # (an error raised in a backward): freed later, at interpreter exit, they aborted the process
+        # about one run in 20 ("terminate called without an active exception").
+        gc.collect()
         # Tear down together: a rank destroying its gloo group while the other still has collectives
-        # in flight aborted once ("terminate called without an active exception").
+        # in flight aborted once (the same message).
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -430,6 +435,31 @@ def _job_bad_setups(rank, world):
                       unit_rows(3, 4, requires_grad=rank == 0), unit_rows(3, 4), torch.tensor(5.0)),
                   r"requires_grad differs across ranks: image_features")
     _aligned("after requires_grad")
+    _expect_error("a missing feature on one rank",
+                  lambda: ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)(
+                      unit_rows(3, 4), None if rank == 1 else unit_rows(3, 4), torch.tensor(5.0)),
+                  r"text_features: expected a torch.Tensor, got None" if rank == 1
+                  else r"rank\(s\) \[1\] rejected their inputs", exc=TypeError if rank == 1 else ValueError)
+    _aligned("after a missing feature")
+
+    def fails_unexpectedly():
+        raise RuntimeError("an unforeseen failure in validation")
+
+    # Whatever a rank's validation raises reaches the agreement step: the other ranks must not wait.
+    _expect_error("an unforeseen exception on one rank",
+                  lambda: D._start("clip", {"image_features": unit_rows(3, 4)}, {},
+                                   fails_unexpectedly if rank == 0 else (lambda: None), None, None, None),
+                  r"an unforeseen failure" if rank == 0 else r"rank\(s\) \[0\] rejected their inputs",
+                  exc=RuntimeError if rank == 0 else ValueError)
+    _aligned("after an unforeseen exception")
+    for backend, mode in (("reference", "gather"), ("chunked", "gather"), ("chunked", "ring")):
+        v, t = unit_rows(3, 4), unit_rows(3, 4)
+        loss = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world, backend=backend,
+                        distributed_mode=mode)(v, t, torch.tensor(5.0))
+        _expect_error(f"double backward ({backend}, {mode})",
+                      lambda: torch.autograd.grad(loss, [v, t], create_graph=True),
+                      r"double backward \(create_graph=True\) is not supported", exc=RuntimeError)
+        _aligned(f"after double backward ({backend}, {mode})")
     # After all that, a good call on both ranks still works and is right.
     glob = _global_batch(("image_features", "text_features"), 2 * 3, 4, torch.float64, "cpu", seed=7)
     v, t = (x[rank * 3:(rank + 1) * 3] for x in glob.values())

@@ -176,6 +176,7 @@ def _make_primitives(ops) -> SimpleNamespace:
 
         @staticmethod
         def backward(ctx, grad_loss):
+            V.refuse_double_backward("cuda", "info_nce")
             a, b, scale, lse_row, lse_col = ctx.saved_tensors
             need_a, need_b, need_s = ctx.needs_input_grad[:3]
             if not (need_a or need_b or need_s):
@@ -199,6 +200,7 @@ def _make_primitives(ops) -> SimpleNamespace:
 
         @staticmethod
         def backward(ctx, grad_loss):
+            V.refuse_double_backward("cuda", "info_nce")
             a, b, scale, lse_row, grad_unit, ds = ctx.saved_tensors
             need_a, need_b, need_s = ctx.needs_input_grad[:3]
             n, acc = a.shape[0], _acc(a)
@@ -220,6 +222,7 @@ def _make_primitives(ops) -> SimpleNamespace:
 
         @staticmethod
         def backward(ctx, grad_total):
+            V.refuse_double_backward("cuda", "exp_gram_sum")
             (x,) = ctx.saved_tensors
             if not ctx.needs_input_grad[0]:
                 return None, None
@@ -235,6 +238,7 @@ def _make_primitives(ops) -> SimpleNamespace:
 
         @staticmethod
         def backward(ctx, grad_loss):
+            V.refuse_double_backward("cuda", "itc_soft_ce")
             q, q_m, bank, scale, lse, lse_m = ctx.saved_tensors
             need_q, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
             if not (need_q or need_s):

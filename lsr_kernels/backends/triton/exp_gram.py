@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ... import _validation as V
 from ._common import (LOG2E, _row_slice_program, _similarity_tiles, acc_dtype, check_matrix, interpreting,
                       kernel_dtypes, launch, padded_width, plan_backward, prune_configs, tile_config)
 
@@ -230,6 +231,7 @@ def _exp_gram_setup(ctx, inputs, output):
 
 
 def _exp_gram_grad(ctx, grad_total, _grad_sq):
+    V.refuse_double_backward("triton", "exp_gram_sum")
     x, sq = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
         return None, None

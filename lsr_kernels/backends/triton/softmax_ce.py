@@ -714,6 +714,7 @@ def _info_nce_setup(ctx, inputs, output):
 
 
 def _info_nce_grad(ctx, grad_loss, _grad_lse2):
+    V.refuse_double_backward("triton", "info_nce")
     a, b, scale, lse2 = ctx.saved_tensors
     needs_a, needs_b, needs_scale = ctx.needs_input_grad[:3]
     da, db, dscale = _info_nce_backward_op(grad_loss, a, b, scale, lse2, ctx.symmetric, ctx.offset,
@@ -744,6 +745,7 @@ def _info_nce_with_grad_setup(ctx, inputs, output):
 
 
 def _info_nce_with_grad_grad(ctx, grad_loss, _grad_lse2, _grad_h_b, _grad_h_dot):
+    V.refuse_double_backward("triton", "info_nce")
     a, b, scale, lse2, h_b, h_dot = ctx.saved_tensors
     needs_a, needs_b, needs_scale = ctx.needs_input_grad[:3]
     n = a.shape[0]
@@ -792,6 +794,7 @@ def _itc_setup(ctx, inputs, output):
 
 
 def _itc_grad(ctx, grad_loss, _grad_lse2):
+    V.refuse_double_backward("triton", "itc_soft_ce")
     q, q_m, bank, scale, lse2 = ctx.saved_tensors
     needs_q, needs_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
     dq, dscale = _itc_backward_op(grad_loss, q, q_m, bank, scale, lse2, ctx.alpha, needs_q, needs_scale)
