@@ -462,6 +462,32 @@ def test_integer_input_is_a_type_error(cpu):
         T.exp_gram_sum(torch.ones(4, 3, dtype=torch.int32), 1.0)
 
 
+def test_bf16_under_the_interpreter_is_refused(cpu):
+    """The interpreter runs the kernels in NumPy, which has no bfloat16 (the loss came out ~1e10)."""
+    a = unit_rows(6, 8, requires_grad=False).bfloat16()
+    with pytest.raises(TypeError, match=r"a: bfloat16 cannot run under the Triton interpreter"):
+        T.info_nce(a, a, _scale(), True)
+    import lsr_kernels
+    with pytest.raises(TypeError, match=r"bfloat16 cannot run under the Triton interpreter"):
+        lsr_kernels.clip_loss(a, a, 10.0, backend="triton")
+
+
+@pytest.mark.parametrize("primitive", ["symmetric", "one-way", "one-way-b", "itc", "exp_gram"])
+def test_double_backward_is_refused(cpu, primitive):
+    """The backwards are kernels, not differentiable graphs: create_graph=True must fail loudly. The
+    one-way forward that forms a's gradient (saved as a constant) once returned d(grad_a)/da = 0."""
+    a, b = unit_rows(6, 4), unit_rows(6, 4)
+    s = _scale()
+    calls = {"symmetric": lambda: T.info_nce(a, b, s, True), "one-way": lambda: T.info_nce(a, b, s, False),
+             "one-way-b": lambda: T.info_nce(a.detach(), b, s, False),
+             "itc": lambda: T.itc_soft_ce(a, b.detach(), unit_rows(9, 4, requires_grad=False), s, 0.4),
+             "exp_gram": lambda: T.exp_gram_sum(a, 2.0)}
+    loss = calls[primitive]()
+    wrt = [x for x in (a, b, s) if x.requires_grad and loss.grad_fn is not None]
+    with pytest.raises(RuntimeError, match=r"triton\.\w+: double backward \(create_graph=True\) is not supported"):
+        torch.autograd.grad(loss, wrt, create_graph=True, allow_unused=True)
+
+
 # ------------------------------------------------------------------------------------ torch.compile
 def _training_objective(a, b, q_m, bank, s):
     return (T.info_nce(a, b, s, True) + 0.5 * T.info_nce(a, b, s, False)
@@ -476,6 +502,42 @@ def test_torch_compile_traces_the_custom_ops(cpu):
     eager_in, compiled_in = _leaves(*inputs), _leaves(*inputs)
     compiled = torch.compile(_training_objective, backend="aot_eager", fullgraph=True)
     loss_c, loss_e = compiled(*compiled_in), _training_objective(*eager_in)
+    assert rel_err(loss_c, loss_e) < 1e-6
+    for g, h in zip(grads(loss_c, compiled_in), grads(loss_e, eager_in)):
+        assert rel_err(g, h) < 1e-6
+
+
+def test_autocast_is_ignored(cpu):
+    """README: the kernels run in the features' dtype whatever an enclosing autocast says."""
+    a, b = unit_rows(6, 4), unit_rows(6, 4)
+    plain = T.info_nce(a, b, _scale(), True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = T.info_nce(a, b, _scale(), True)
+    assert torch.equal(plain, under)
+
+
+@pytest.mark.parametrize("api", ["ClipLoss", "lsr_loss", "itc_loss"])
+def test_torch_compile_traces_the_public_api(cpu, api):
+    """fullgraph=True through the public entry points (validation, backend choice, composition), not
+    only the primitives: loss and every gradient, the logit scale's included, equal eager's."""
+    import lsr_kernels
+    torch._dynamo.reset()
+    v, t, va, ta = (unit_rows(9, 8, requires_grad=False) for _ in range(4))
+    log_scale = torch.tensor(2.3)
+
+    def objective(v, t, log_scale):
+        s = log_scale.exp()
+        if api == "ClipLoss":
+            return lsr_kernels.ClipLoss(backend="triton")(v, t, s)
+        if api == "itc_loss":
+            return lsr_kernels.itc_loss(v, t, va, ta, s, image_queue=ta, alpha=0.4, backend="triton")
+        return lsr_kernels.lsr_loss(v, t, s, image_aug=va, text_aug=ta, image_ind=va, text_ind=ta,
+                                    image_ind_aug=v, text_ind_aug=t, sep_weight=1.0, bridge_weight=1.0,
+                                    gc_weight=0.25, backend="triton")["loss"]
+
+    eager_in, compiled_in = _leaves(v, t, log_scale), _leaves(v, t, log_scale)
+    loss_c = torch.compile(objective, backend="aot_eager", fullgraph=True)(*compiled_in)
+    loss_e = objective(*eager_in)
     assert rel_err(loss_c, loss_e) < 1e-6
     for g, h in zip(grads(loss_c, compiled_in), grads(loss_e, eager_in)):
         assert rel_err(g, h) < 1e-6

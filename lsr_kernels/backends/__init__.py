@@ -31,7 +31,6 @@ the returned loss is a 0-dim **float32** tensor; gradients come back in each inp
 """
 from __future__ import annotations
 
-import importlib
 import math
 from types import ModuleType
 from typing import Optional, Tuple
@@ -41,16 +40,13 @@ import torch
 #: Every backend name the public API accepts.
 BACKENDS = ("auto", "reference", "chunked", "triton", "cuda")
 
-_FAST_MODULES = {
-    "chunked": "lsr_kernels.backends.chunked",
-    "triton": "lsr_kernels.backends.triton",
-    "cuda": "lsr_kernels.backends.cuda",
-}
+#: The backends that implement the three primitives (module of the same name in this package).
+FAST_BACKENDS = ("chunked", "triton", "cuda")
 
 
 def _triton_usable() -> bool:
     try:
-        importlib.import_module("triton")
+        import triton  # noqa: F401  (an import statement, not importlib: torch.compile traces it)
     except Exception:  # an absent or broken Triton only means "not this backend"
         return False
     return True
@@ -148,6 +144,14 @@ def _gpu_identity(device: torch.device) -> Tuple[str, str]:
 
 def primitives(backend: str) -> ModuleType:
     """The module implementing the three primitives for a resolved fast backend name."""
-    if backend not in _FAST_MODULES:
-        raise ValueError(f"backend: {backend!r} has no primitives (expected one of {tuple(_FAST_MODULES)})")
-    return importlib.import_module(_FAST_MODULES[backend])
+    # Import statements rather than importlib.import_module, which torch.compile refuses to trace
+    # (fullgraph=True would fail on it).
+    if backend == "chunked":
+        from . import chunked as module
+    elif backend == "triton":
+        from . import triton as module
+    elif backend == "cuda":
+        from . import cuda as module
+    else:
+        raise ValueError(f"backend: {backend!r} has no primitives (expected one of {FAST_BACKENDS})")
+    return module

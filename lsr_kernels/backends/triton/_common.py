@@ -133,6 +133,11 @@ def interpreting() -> bool:
 
 
 def check_device(name: str, x: Tensor) -> None:
+    if interpreting() and x.dtype == torch.bfloat16:
+        # the interpreter runs the kernels in NumPy, which has no bfloat16: the numbers would be garbage
+        raise TypeError(f"{name}: bfloat16 cannot run under the Triton interpreter (TRITON_INTERPRET=1 has no "
+                        f"bfloat16 arithmetic), got shape {tuple(x.shape)}; use float16/float32 there, or "
+                        f"backend='chunked', or run bfloat16 on a GPU without the interpreter")
     if x.is_cuda:
         return
     if x.device.type == "cpu" and interpreting():
