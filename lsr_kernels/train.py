@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import inspect
 import json
 import math
@@ -441,6 +442,16 @@ def join_process_group(device_name: str) -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=True)
 
 
+def leave_process_group() -> None:
+    """Destroy the process group :func:`join_process_group` created, after freeing what still holds it.
+
+    DDP's reducer and gloo's finished work stay reachable through reference cycles; left to the
+    interpreter's exit, their destructors run while it is being torn down and abort the process
+    ("terminate called without an active exception", about one 4-rank CPU run in 15)."""
+    gc.collect()
+    dist.destroy_process_group()
+
+
 class TrainingObjective(nn.Module):
     """``model.losses`` as ``forward``: DDP's gradient hooks only see calls of a module's forward."""
 
@@ -493,7 +504,7 @@ def train(args: argparse.Namespace, *, stop_after: Optional[int] = None, log=pri
         return _train(args, ranks, stop_after=stop_after, log=log if ranks.is_main else (lambda *a, **k: None))
     finally:
         if ranks.owns_group:
-            dist.destroy_process_group()
+            leave_process_group()
 
 
 def _train(args: argparse.Namespace, ranks: Ranks, *, stop_after: Optional[int], log) -> dict:
@@ -788,7 +799,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 train(args)
         finally:
             if ranks.owns_group:
-                dist.destroy_process_group()
+                leave_process_group()
     except InputError as err:  # bad data or configuration found before training: one clear line
         print(f"lsr-train: error: {err}", file=sys.stderr)
         return 2
