@@ -100,13 +100,15 @@ def check_scale(logit_scale, like: Tensor) -> Tensor:
     per call, skipped while ``torch.compile`` traces).
     """
     compute = torch.float64 if like.dtype == torch.float64 else torch.float32
-    limit = torch.finfo(compute).max
-    if isinstance(logit_scale, numbers.Real) and not isinstance(logit_scale, bool):
-        value = float(logit_scale)
-        if not (0 < value <= limit):
+
+    def check_value(value: float) -> None:
+        if not (0 < value <= torch.finfo(compute).max):
             raise ValueError(f"logit_scale: expected a finite positive multiplier (already exponentiated, "
                              f"as open_clip passes logit_scale.exp()) representable in {compute}, got {value!r}")
-        return torch.tensor(value, device=like.device, dtype=compute)
+
+    if isinstance(logit_scale, numbers.Real) and not isinstance(logit_scale, bool):
+        check_value(float(logit_scale))
+        return torch.tensor(float(logit_scale), device=like.device, dtype=compute)
     if not isinstance(logit_scale, Tensor):
         raise TypeError(f"logit_scale: expected a scalar tensor or a number, got {type(logit_scale).__name__}")
     check_tensor("logit_scale", logit_scale)
@@ -118,10 +120,7 @@ def check_scale(logit_scale, like: Tensor) -> Tensor:
         raise ValueError(f"logit_scale: device {logit_scale.device} differs from the features' {like.device}")
     logit_scale = logit_scale.reshape(())
     if not torch.compiler.is_compiling():
-        value = float(logit_scale.detach())
-        if not (0 < value <= limit):
-            raise ValueError(f"logit_scale: expected a finite positive multiplier (already exponentiated, "
-                             f"as open_clip passes logit_scale.exp()) representable in {compute}, got {value}")
+        check_value(float(logit_scale.detach()))
     return logit_scale
 
 
