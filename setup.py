@@ -16,7 +16,8 @@ for newer GPUs); ``MAX_JOBS`` the parallel nvcc jobs (default from free memory a
 toolkit is ``CUDA_HOME`` (default: found from nvcc or /usr/local/cuda). Headers of the pip CUDA
 wheels (site-packages/nvidia/cu*/include) are added after the toolkit's when present, which
 completes a toolkit that lacks e.g. the cuBLAS headers torch's own headers include. Without a
-build, ``lsr_kernels.backends.cuda.load_jit()`` compiles the same sources at run time.
+build, ``lsr_kernels.backends.cuda.load_jit()`` compiles the same sources at run time: wheels carry
+them as ``lsr_kernels/_csrc`` (build_py copies csrc/ there).
 
 torch is imported only inside the build decision, never at module level, so the pure-Python path
 works on machines without torch.
@@ -28,13 +29,31 @@ import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 # One .cpp (schema, checks, dispatch) and one _kernels.cu per kernel family, plus the module entry.
 CUDA_SOURCES = ["info_nce.cpp", "info_nce_kernels.cu", "exp_gram.cpp", "exp_gram_kernels.cu", "itc.cpp",
                 "itc_kernels.cu", "extension.cpp"]
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+CSRC_SUFFIXES = (".h", ".cuh", ".cpp", ".cu")  # what the JIT and emulation builds read (as MANIFEST.in)
 NVCC_JOB_BYTES = 2 * 1024**3  # peak memory of one nvcc job on these sources, roughly
+
+
+class BuildPyWithSources(build_py):
+    """Also copy csrc/ into the package as lsr_kernels/_csrc, so that an installed wheel built without
+    the extension can still compile it with load_jit() (and its CPU emulation) from its own sources."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return  # an editable install compiles from the checkout's csrc/
+        target = Path(self.build_lib) / "lsr_kernels" / "_csrc"
+        for source in sorted((ROOT / "csrc").rglob("*")):
+            if source.is_file() and source.suffix in CSRC_SUFFIXES:
+                destination = target / source.relative_to(ROOT / "csrc")
+                self.mkpath(str(destination.parent))
+                self.copy_file(str(source), str(destination), preserve_mode=False)
 
 
 def _say(message):
@@ -151,6 +170,6 @@ setup(
     },
     entry_points={"console_scripts": ["lsr-train=lsr_kernels.train:main"]},
     ext_modules=ext_modules,
-    cmdclass=cmdclass,
+    cmdclass={"build_py": BuildPyWithSources, **cmdclass},
     zip_safe=False,
 )

@@ -3,7 +3,8 @@
 What runs where:
 
 - CPU, always (unless ``LSR_SKIP_CUDA_BUILD=1``, which skips everything that compiles csrc/):
-  * the extension compiles with nvcc for sm_90 and loads (JIT build in a subprocess);
+  * a wheel built without the extension carries csrc/ (lsr_kernels/_csrc, every included header),
+    and load_jit() from that installed wheel compiles it with nvcc for sm_90 and loads it;
   * the kernels' own sources, built against the CPU emulation of csrc/cpu_emulation/ (block threads
     as real threads, real barriers and shuffles, shared memory poisoned with NaN, ldmatrix and
     mma.sync with the PTX ISA's per-lane fragment layouts, ldmatrix / cp.async alignment checked,
@@ -31,11 +32,13 @@ low-precision inputs), measured as a relative 2-norm.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -163,9 +166,86 @@ def test_primitive_without_extension_says_how_to_build():
 
 
 # ------------------------------------------------------------------------------ CPU build check
+# What a wheel needs from the checkout to build one (setup.py, MANIFEST.in's files, the package).
+_WHEEL_INPUTS = ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "SPEC.md", "lsr_kernels", "csrc")
+
+
+def _setuptools_makes_wheels() -> bool:
+    try:
+        import setuptools
+    except ImportError:
+        return False
+    version = tuple(int(part) for part in setuptools.__version__.split(".")[:2] if part.isdigit())
+    return version >= (70, 1) or importlib.util.find_spec("wheel") is not None  # bdist_wheel built in since 70.1
+
+
+@pytest.fixture(scope="module")
+def installed_wheel(tmp_path_factory):
+    """The package as `pip install` of a wheel built without the extension leaves it: the wheel built
+    from a copy of the checkout (so no build/ of the checkout's leaks in), unpacked into a folder
+    that goes first on PYTHONPATH (what pip does with a pure-Python wheel)."""
+    root = tmp_path_factory.mktemp("wheel")
+    source = root / "source"
+    source.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "_csrc")
+    for name in _WHEEL_INPUTS:
+        path = REPO / name
+        if path.is_dir():
+            shutil.copytree(path, source / name, ignore=ignore)
+        else:
+            shutil.copy2(path, source / name)
+    env = dict(os.environ, LSR_BUILD_CUDA="0", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    # This environment's setuptools when it can make wheels (offline machines), else pip's isolated build.
+    isolation = ["--no-build-isolation"] if _setuptools_makes_wheels() else []
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", *isolation, "-w",
+                           str(root / "dist"), str(source)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"pip wheel failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    (wheel,) = (root / "dist").glob("lsr_kernels-*.whl")
+    site = root / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site)
+    return site
+
+
+def _run_from(site: Path, script: str, *args: str, timeout: float = 120, **env_vars: str):
+    """Run `script` in a fresh interpreter whose lsr_kernels is the one in `site`, not the checkout."""
+    env = dict(os.environ, **env_vars, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    check = f"import lsr_kernels, sys; assert lsr_kernels.__file__.startswith({str(site)!r}), lsr_kernels.__file__\n"
+    return subprocess.run([sys.executable, "-c", check + textwrap.dedent(script), *args], cwd=site, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_wheel_carries_the_sources_load_jit_compiles(installed_wheel):
+    """A wheel installed without the extension keeps load_jit() (and the CPU emulation) usable: the
+    sources it compiles, and every header they include, are inside the installed package."""
+    proc = _run_from(installed_wheel, """
+        import re
+        from pathlib import Path
+        from lsr_kernels.backends import cuda
+        root = Path(cuda.CSRC_DIR)
+        assert root == Path(lsr_kernels.__file__).parent / "_csrc", root
+        sources = [Path(p) for p in cuda._sources(cuda._OP_SOURCES + cuda._EMULATION_SOURCES)]
+        seen, todo = set(), list(sources)
+        while todo:
+            path = todo.pop()
+            if path in seen:
+                continue
+            seen.add(path)
+            for name in re.findall(r'^\\s*#\\s*include\\s+"([^"]+)"', path.read_text(), re.M):
+                found = [d / name for d in (path.parent, root) if (d / name).is_file()]
+                assert found, f"{path.relative_to(root)} includes {name}, which the wheel lacks"
+                todo.append(found[0].resolve())
+        print(len(seen), "files")
+    """)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert int(proc.stdout.split()[0]) >= len(cuda_backend._OP_SOURCES) + 5  # the headers were followed
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(SKIP_BUILD, reason="LSR_SKIP_CUDA_BUILD=1")
-def test_extension_compiles_for_sm90_and_loads(tmp_path):
+def test_extension_compiles_for_sm90_and_loads(tmp_path, installed_wheel):
+    """load_jit() from an installed wheel (its own copy of csrc/): the path of users who installed
+    without building; an editable install compiles the checkout's csrc/, as the emulation tests do."""
     if _nvcc() is None:
         pytest.skip("nvcc not found (set CUDA_HOME)")
     if torch.version.cuda is None:
@@ -173,16 +253,15 @@ def test_extension_compiles_for_sm90_and_loads(tmp_path):
     script = textwrap.dedent("""
         import sys, torch
         from lsr_kernels.backends import cuda
+        assert cuda.CSRC_DIR.name == "_csrc", cuda.CSRC_DIR
         cuda.load_jit(build_directory=sys.argv[1])
         assert cuda.HAS_CUDA_EXT
         for name in ("info_nce_fwd", "info_nce_bwd", "info_nce_fwd_grad", "exp_gram_fwd", "exp_gram_bwd",
                      "itc_fwd", "itc_bwd"):
             print(getattr(torch.ops.lsr_kernels, name).default._schema)
     """)
-    env = dict(os.environ, TORCH_CUDA_ARCH_LIST="9.0", MAX_JOBS=os.environ.get("MAX_JOBS", "2"),
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1800)
+    proc = _run_from(installed_wheel, script, str(tmp_path), timeout=1800, TORCH_CUDA_ARCH_LIST="9.0",
+                     MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
     assert proc.returncode == 0, f"JIT build failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     assert "lsr_kernels::info_nce_fwd(Tensor a, Tensor b, Tensor scale, bool symmetric, int offset)" in proc.stdout
     assert "lsr_kernels::itc_bwd(" in proc.stdout

@@ -43,8 +43,10 @@ from torch import Tensor
 
 from .. import _validation as V
 
-#: ``csrc/`` of a source checkout (the JIT build compiles from there).
-CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
+#: The CUDA sources the JIT and emulation builds compile: the copy an installed wheel carries
+#: (``lsr_kernels/_csrc``, see setup.py), else ``csrc/`` of the source checkout (editable install).
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
+CSRC_DIR = _PACKAGE_DIR / "_csrc" if (_PACKAGE_DIR / "_csrc").is_dir() else _PACKAGE_DIR.parent / "csrc"
 
 _NAMESPACE = "lsr_kernels"
 _EMULATION_NAMESPACE = "lsr_kernels_emu"
@@ -355,8 +357,9 @@ def _sources(names) -> List[str]:
     paths = [CSRC_DIR / name for name in names]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise RuntimeError(f"the CUDA sources are not there ({', '.join(missing)}): building needs a source "
-                           f"checkout of lsr-kernels (csrc/ next to the lsr_kernels package)")
+        raise RuntimeError(f"the CUDA sources are not there ({', '.join(missing)}): building needs the sources "
+                           f"a wheel carries (lsr_kernels/_csrc) or a source checkout (csrc/ next to the "
+                           f"lsr_kernels package)")
     return [str(p) for p in paths]
 
 
