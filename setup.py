@@ -166,7 +166,7 @@ setup(
         "test": ["pytest>=7", "open-clip-torch>=2.20", "pytest-benchmark", "scikit-learn"],
         "bench": ["matplotlib"],
         "train": ["scikit-learn", "matplotlib", "pillow"],
-        "triton": ["triton>=3.0"],
+        "triton": ["triton>=3.5"],  # backends.MIN_TRITON
     },
     entry_points={"console_scripts": ["lsr-train=lsr_kernels.train:main"]},
     ext_modules=ext_modules,

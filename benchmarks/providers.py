@@ -187,11 +187,10 @@ class Provider:
                 return "Triton runs on CPU only under its interpreter, which is never timed"
             return f"{self.name} runs on {' and '.join(self.devices)} only, not {device_type}"
         if self.name in LSR_BACKENDS[1:]:
+            # (lsr_kernels.backends.triton does not import without a Triton recent enough for it)
             reason = _import_reason(f"lsr_kernels.backends.{self.name}")
             if reason:
-                return f"backend {self.name!r} is not in this checkout ({reason})"
-            if self.name == "triton":
-                return _import_reason("triton")
+                return f"backend {self.name!r} is unusable here ({reason})"
             if self.name == "cuda":
                 import lsr_kernels
 

@@ -1,4 +1,7 @@
 """Public API: keys and weights, modules, the queue, backend resolution, and every bad input of SPEC 6."""
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -113,6 +116,30 @@ def test_backend_resolution_rule():
     assert backends.resolve("reference", torch.device("cpu")) == "reference"
     with pytest.raises(ValueError, match="backend"):
         backends.resolve("fast", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("version,usable", [("3.4.0", False), ("2.3.0", False), ("3.5.0", True),
+                                            ("3.10.0+git1a2b3c", True), ("main", True)])
+def test_triton_older_than_the_kernels_need_is_not_chosen(monkeypatch, version, usable):
+    """A Triton whose compiler lacks what the kernels use (tl.range(flatten=...), fp64 tl.dot) is not
+    this backend: auto on a GPU without a measurement falls back to chunked."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(triton, "__version__", version)
+    reason = backends.triton_unusable_reason()
+    assert (reason is None) == usable, reason
+    if not usable:
+        assert f"Triton {version} is installed; the kernels need Triton >= 3.5" in reason
+    assert backends.resolve("auto", torch.device("cuda")) == ("triton" if usable else "chunked")
+
+
+def test_triton_backend_with_an_old_triton_says_what_it_needs():
+    pytest.importorskip("triton")
+    script = ("import triton; triton.__version__ = '3.2.0'\n"
+              "from lsr_kernels.backends import triton as T")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert ("ImportError: backend='triton': Triton 3.2.0 is installed; the kernels need Triton >= 3.5 "
+            "(torch >= 2.9 brings it). Install a newer Triton (or torch) or choose backend='chunked'") in proc.stderr
 
 
 # ----------------------------------------------------------------------------------- bad inputs

@@ -30,7 +30,7 @@ CASES = [
 def case(request):
     name, device = request.param
     if not backend_available(name):
-        pytest.skip(f"backend {name!r} is not in this checkout")
+        pytest.skip(f"backend {name!r} is not usable here (see tests/helpers.backend_available)")
     interpreted = device == "cpu" and name == "triton"
     if interpreted and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")

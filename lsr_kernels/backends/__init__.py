@@ -44,12 +44,29 @@ BACKENDS = ("auto", "reference", "chunked", "triton", "cuda")
 FAST_BACKENDS = ("chunked", "triton", "cuda")
 
 
-def _triton_usable() -> bool:
+#: The oldest Triton that compiles the triton backend's kernels: ``tl.range(flatten=...)`` came in 3.3,
+#: fp64 ``tl.dot`` (the gradcheck dtype) in 3.5, which torch 2.9 ships.
+MIN_TRITON = (3, 5)
+
+
+def triton_unusable_reason() -> Optional[str]:
+    """``None`` when the ``triton`` backend can run in this environment, else why not."""
     try:
-        import triton  # noqa: F401  (an import statement, not importlib: torch.compile traces it)
-    except Exception:  # an absent or broken Triton only means "not this backend"
-        return False
-    return True
+        import triton  # (an import statement, not importlib: torch.compile traces it)
+    except Exception as exc:  # an absent or broken Triton only means "not this backend"
+        return f"Triton does not import ({type(exc).__name__}: {exc})"
+    try:
+        found = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    except ValueError:  # not a release number (a source build): taken as recent enough
+        return None
+    if found < MIN_TRITON:
+        return (f"Triton {triton.__version__} is installed; the kernels need Triton >= "
+                f"{MIN_TRITON[0]}.{MIN_TRITON[1]} (torch >= 2.9 brings it)")
+    return None
+
+
+def _triton_usable() -> bool:
+    return triton_unusable_reason() is None
 
 
 def _usable(name: str) -> bool:
@@ -98,7 +115,7 @@ def resolve(backend: str, device: torch.device, op: Optional[str] = None, dtype:
       compute capability) for ``op`` (``"clip"``, ``"clip_gc"``, ``"full"`` or ``"itc"``) in this
       ``dtype`` at the shape nearest ``shape = (N, D, K)``: the table
       :mod:`lsr_kernels.backends.auto_choice`, written by ``python -m benchmarks choose-auto``.
-      Without a measurement: ``triton`` when Triton imports, else ``chunked``.
+      Without a measurement: ``triton`` when Triton (>= :data:`MIN_TRITON`) imports, else ``chunked``.
     - any other device (CPU, MPS, ...): ``chunked``.
     ``reference`` is never chosen automatically: it materialises N x N matrices.
     An explicit name is returned unchanged (after checking that it is a known name).
@@ -133,7 +150,7 @@ def resolve_itc_call(backend: str, features: dict) -> str:
     """:func:`resolve` for an ``itc_loss`` call: its features by API name (the longer queue is K)."""
     image = features["image_features"]
     queues = [features.get(name) for name in ("image_queue", "text_queue")]
-    k = max((q.shape[0] for q in queues if q is not None), default=0)
+    k = max([q.shape[0] for q in queues if q is not None] + [0])  # (Dynamo before torch 2.11: no default=)
     return resolve(backend, image.device, "itc", image.dtype, (*image.shape, k))
 
 

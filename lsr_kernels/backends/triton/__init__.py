@@ -12,7 +12,14 @@ where CPU tensors run (slowly) for testing.
 """
 from typing import List
 
-from . import exp_gram, softmax_ce
+from .. import triton_unusable_reason
+
+_REASON = triton_unusable_reason()
+if _REASON is not None:
+    raise ImportError(f"backend='triton': {_REASON}. Install a newer Triton (or torch) or choose "
+                      f"backend='chunked' (any device) or backend='cuda'.")
+
+from . import exp_gram, softmax_ce  # noqa: E402  (after the check: they need a usable Triton)
 from .exp_gram import exp_gram_sum
 from .softmax_ce import info_nce, itc_soft_ce
 

@@ -293,6 +293,12 @@ def prune_configs(configs: List[triton.Config], named_args: dict, **kwargs) -> L
     return kept
 
 
+def autotuned(configs: List[triton.Config], key: List[str]):
+    """``triton.autotune`` over ``configs`` for each value of ``key`` (the tensors' dtypes are always
+    part of Triton's key), pruned by :func:`prune_configs`."""
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune_configs})
+
+
 AUTOTUNE_ENV = "LSR_TRITON_AUTOTUNE"
 
 

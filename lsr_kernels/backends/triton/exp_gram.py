@@ -29,8 +29,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ... import _validation as V
-from ._common import (LOG2E, _row_slice_program, _similarity_tiles, acc_dtype, check_matrix, interpreting,
-                      kernel_dtypes, launch, padded_width, plan_backward, prune_configs, tile_config)
+from ._common import (LOG2E, _row_slice_program, _similarity_tiles, acc_dtype, autotuned, check_matrix, interpreting,
+                      kernel_dtypes, launch, padded_width, plan_backward, tile_config)
 
 # ------------------------------------------------------------------------------------ GPU configs
 # FLATTEN: one software-pipelined loop over (column tile, K slice), as in softmax_ce's backward; the
@@ -141,11 +141,8 @@ def _exp_gram_bwd_kernel(
     tl.store(dx_ptrs, dx.to(DX_ptr.dtype.element_ty), mask=row_mask[:, None] & out_mask[None, :])
 
 
-_PRUNE = {"early_config_prune": prune_configs}
-_exp_gram_fwd_tuned = triton.autotune(FORWARD_CONFIGS, key=["N", "D_PADDED"],
-                                      prune_configs_by=_PRUNE)(_exp_gram_fwd_kernel)
-_exp_gram_bwd_tuned = triton.autotune(BACKWARD_CONFIGS, key=["N", "D_PADDED", "SPLIT_PRODUCT"],
-                                      prune_configs_by=_PRUNE)(_exp_gram_bwd_kernel)
+_exp_gram_fwd_tuned = autotuned(FORWARD_CONFIGS, ["N", "D_PADDED"])(_exp_gram_fwd_kernel)
+_exp_gram_bwd_tuned = autotuned(BACKWARD_CONFIGS, ["N", "D_PADDED", "SPLIT_PRODUCT"])(_exp_gram_bwd_kernel)
 
 
 # ----------------------------------------------------------------------------------------- launchers

@@ -54,9 +54,9 @@ import triton.language as tl
 from torch import Tensor
 
 from ... import _validation as V
-from ._common import (LN2, LOG2E_C, NEG_BIG, _row_slice_program, _similarity_tiles, acc_dtype,
+from ._common import (LN2, LOG2E_C, NEG_BIG, _row_slice_program, _similarity_tiles, acc_dtype, autotuned,
                       check_matrix, check_same, check_scale, kernel_dtypes, launch, merge_partial_lse2,
-                      padded_width, plan_backward, plan_forward, prune_configs, tile_config)
+                      padded_width, plan_backward, plan_forward, tile_config)
 
 # ------------------------------------------------------------------------------------ GPU configs
 # sm_90 (H100/H200): 64-128 wide tiles, K slices of 32-128 staged through shared memory by the
@@ -448,17 +448,13 @@ def _info_nce_fwd_grad_kernel(
     tl.store(acc_ptrs, acc, mask=row_mask[:, None] & out_mask[None, :])
 
 
-# Tuned per shape (N, M and the padded D; the tensors' dtypes are always part of Triton's key), so a
-# small warm-up batch does not fix the config of the real one.
-_PRUNE = {"early_config_prune": prune_configs}
-_softmax_ce_fwd_tuned = triton.autotune(FORWARD_CONFIGS, key=["N", "M", "D_PADDED", "HAS_SOFT", "HAS_COL"],
-                                        prune_configs_by=_PRUNE)(_softmax_ce_fwd_kernel)
-_softmax_ce_bwd_tuned = triton.autotune(
-    BACKWARD_CONFIGS, key=["N", "M", "D_PADDED", "HAS_OWN", "HAS_OTHER", "HAS_SOFT", "COMPUTE_DS"],
-    prune_configs_by=_PRUNE)(_softmax_ce_bwd_kernel)
+# Tuned per shape (N, M and the padded D), so a small warm-up batch does not fix the config of the real one.
+_softmax_ce_fwd_tuned = autotuned(FORWARD_CONFIGS, ["N", "M", "D_PADDED", "HAS_SOFT", "HAS_COL"])(
+    _softmax_ce_fwd_kernel)
+_softmax_ce_bwd_tuned = autotuned(BACKWARD_CONFIGS, ["N", "M", "D_PADDED", "HAS_OWN", "HAS_OTHER", "HAS_SOFT",
+                                                     "COMPUTE_DS"])(_softmax_ce_bwd_kernel)
 # Same register budget as the backward (an fp32 [BLOCK_M, BLOCK_DO] accumulator): same configs.
-_info_nce_fwd_grad_tuned = triton.autotune(BACKWARD_CONFIGS, key=["N", "M", "D_PADDED"],
-                                           prune_configs_by=_PRUNE)(_info_nce_fwd_grad_kernel)
+_info_nce_fwd_grad_tuned = autotuned(BACKWARD_CONFIGS, ["N", "M", "D_PADDED"])(_info_nce_fwd_grad_kernel)
 
 
 # ------------------------------------------------------------------------------------------ launchers
