@@ -281,7 +281,7 @@ def load_csv_pairs(path: str, img_key: str = "filepath", caption_key: str = "tit
 # ------------------------------------------------------------------------------------------ batches
 def mix_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from integers (NumPy's SeedSequence), for counter-based streams."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
 def batch_indices(num_rows: int, batch_size: int, seed: int, step: int) -> Tensor:

@@ -524,7 +524,8 @@ def test_emulated_one_way_launches_what_the_gradients_need(emu, needs):
             op = getattr(emu.ops, name)
             return lambda *args: calls.append((name, args[-1] if name == "info_nce_bwd" else None)) or op(*args)
 
-    prims = cuda_backend._make_primitives(Spy())
+    spy = Spy()
+    prims = cuda_backend._make_primitives(lambda: spy)
     a, b = unit_rows(19, 12, torch.float32, "cpu", requires_grad=needs[0]), \
         unit_rows(70, 12, torch.float32, "cpu", requires_grad=needs[1])
     s = _scale(6.0, torch.float32, "cpu").requires_grad_(needs[2])

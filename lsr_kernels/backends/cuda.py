@@ -36,7 +36,7 @@ import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -165,13 +165,15 @@ def _scale_grad(grad: Tensor, scale: Tensor) -> Tensor:
     return grad.to(scale.dtype).reshape(scale.shape)
 
 
-def _make_primitives(ops) -> SimpleNamespace:
-    """The three primitives as autograd Functions over one op namespace (real or emulated)."""
+def _make_primitives(ops: Callable[[], Any]) -> SimpleNamespace:
+    """The three primitives as autograd Functions over one op namespace (real or emulated), which
+    ``ops()`` looks up at each call: Dynamo before torch 2.11 cannot trace a call on an op-namespace
+    object held in a closure (it has no source for it)."""
 
     class InfoNCE(torch.autograd.Function):
         @staticmethod
         def forward(ctx, a, b, scale, symmetric, offset):
-            loss, lse_row, lse_col = ops.info_nce_fwd(a, b, scale, symmetric, offset)
+            loss, lse_row, lse_col = ops().info_nce_fwd(a, b, scale, symmetric, offset)
             ctx.save_for_backward(a, b, scale, lse_row, lse_col)
             ctx.symmetric, ctx.offset = symmetric, offset
             return loss
@@ -184,7 +186,7 @@ def _make_primitives(ops) -> SimpleNamespace:
             if not (need_a or need_b or need_s):
                 return None, None, None, None, None
             # grad_a's launch also reduces grad_s; with neither wanted it is skipped
-            grad_a, grad_b, grad_s = ops.info_nce_bwd(grad_loss, a, b, scale, lse_row, lse_col,
+            grad_a, grad_b, grad_s = ops().info_nce_bwd(grad_loss, a, b, scale, lse_row, lse_col,
                                                       ctx.symmetric, need_b, ctx.offset, need_a or need_s)
             return (grad_a if need_a else None, grad_b if need_b else None,
                     _scale_grad(grad_s, scale) if need_s else None, None, None)
@@ -195,7 +197,7 @@ def _make_primitives(ops) -> SimpleNamespace:
 
         @staticmethod
         def forward(ctx, a, b, scale, offset):
-            loss, lse_row, grad_unit, ds = ops.info_nce_fwd_grad(a, b, scale, offset)
+            loss, lse_row, grad_unit, ds = ops().info_nce_fwd_grad(a, b, scale, offset)
             ctx.save_for_backward(a, b, scale, lse_row, grad_unit, ds)
             ctx.offset = offset
             return loss
@@ -211,7 +213,7 @@ def _make_primitives(ops) -> SimpleNamespace:
             grad_s = _scale_grad(g / n * ds, scale) if need_s else None
             grad_b = None
             if need_b:
-                _, grad_b, _ = ops.info_nce_bwd(grad_loss, a, b, scale, lse_row, lse_row, False, True, ctx.offset,
+                _, grad_b, _ = ops().info_nce_bwd(grad_loss, a, b, scale, lse_row, lse_row, False, True, ctx.offset,
                                                 False)
             return grad_a, grad_b, grad_s, None
 
@@ -220,7 +222,7 @@ def _make_primitives(ops) -> SimpleNamespace:
         def forward(ctx, x, t):
             ctx.save_for_backward(x)
             ctx.t = t
-            return ops.exp_gram_fwd(x, t)
+            return ops().exp_gram_fwd(x, t)
 
         @staticmethod
         def backward(ctx, grad_total):
@@ -228,12 +230,12 @@ def _make_primitives(ops) -> SimpleNamespace:
             (x,) = ctx.saved_tensors
             if not ctx.needs_input_grad[0]:
                 return None, None
-            return ops.exp_gram_bwd(grad_total, x, ctx.t), None
+            return ops().exp_gram_bwd(grad_total, x, ctx.t), None
 
     class ItcSoftCE(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, q_m, bank, scale, alpha):
-            loss, lse, lse_m = ops.itc_fwd(q, q_m, bank, scale, alpha)
+            loss, lse, lse_m = ops().itc_fwd(q, q_m, bank, scale, alpha)
             ctx.save_for_backward(q, q_m, bank, scale, lse, lse_m)
             ctx.alpha = alpha
             return loss
@@ -245,7 +247,7 @@ def _make_primitives(ops) -> SimpleNamespace:
             need_q, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
             if not (need_q or need_s):
                 return None, None, None, None, None
-            grad_q, grad_s = ops.itc_bwd(grad_loss, q, q_m, bank, scale, lse, lse_m, ctx.alpha)
+            grad_q, grad_s = ops().itc_bwd(grad_loss, q, q_m, bank, scale, lse, lse_m, ctx.alpha)
             # The soft targets and the bank are constants (ALBEF computes them under no_grad).
             return (grad_q if need_q else None, None, None, _scale_grad(grad_s, scale) if need_s else None, None)
 
@@ -260,7 +262,7 @@ def _make_primitives(ops) -> SimpleNamespace:
     def itc_soft_ce(q: Tensor, q_m: Tensor, bank: Tensor, scale: Tensor, alpha: float) -> Tensor:
         return ItcSoftCE.apply(q.contiguous(), q_m.contiguous(), bank.contiguous(), scale, float(alpha))
 
-    return SimpleNamespace(info_nce=info_nce, exp_gram_sum=exp_gram_sum, itc_soft_ce=itc_soft_ce, ops=ops)
+    return SimpleNamespace(info_nce=info_nce, exp_gram_sum=exp_gram_sum, itc_soft_ce=itc_soft_ce, ops=ops())
 
 
 _PRIMITIVES: Dict[str, SimpleNamespace] = {}
@@ -268,7 +270,7 @@ _PRIMITIVES: Dict[str, SimpleNamespace] = {}
 
 def _primitives(namespace: str = _NAMESPACE) -> SimpleNamespace:
     if namespace not in _PRIMITIVES:
-        _PRIMITIVES[namespace] = _make_primitives(getattr(torch.ops, namespace))
+        _PRIMITIVES[namespace] = _make_primitives(lambda: getattr(torch.ops, namespace))
     return _PRIMITIVES[namespace]
 
 
