@@ -187,7 +187,7 @@ def _make_primitives(ops: Callable[[], Any]) -> SimpleNamespace:
                 return None, None, None, None, None
             # grad_a's launch also reduces grad_s; with neither wanted it is skipped
             grad_a, grad_b, grad_s = ops().info_nce_bwd(grad_loss, a, b, scale, lse_row, lse_col,
-                                                      ctx.symmetric, need_b, ctx.offset, need_a or need_s)
+                                                        ctx.symmetric, need_b, ctx.offset, need_a or need_s)
             return (grad_a if need_a else None, grad_b if need_b else None,
                     _scale_grad(grad_s, scale) if need_s else None, None, None)
 
@@ -213,8 +213,8 @@ def _make_primitives(ops: Callable[[], Any]) -> SimpleNamespace:
             grad_s = _scale_grad(g / n * ds, scale) if need_s else None
             grad_b = None
             if need_b:
-                _, grad_b, _ = ops().info_nce_bwd(grad_loss, a, b, scale, lse_row, lse_row, False, True, ctx.offset,
-                                                False)
+                _, grad_b, _ = ops().info_nce_bwd(grad_loss, a, b, scale, lse_row, lse_row, False, True,
+                                                  ctx.offset, False)
             return grad_a, grad_b, grad_s, None
 
     class ExpGramSum(torch.autograd.Function):
