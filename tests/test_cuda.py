@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -250,6 +251,11 @@ def test_extension_compiles_for_sm90_and_loads(tmp_path, installed_wheel):
         pytest.skip("nvcc not found (set CUDA_HOME)")
     if torch.version.cuda is None:
         pytest.skip("torch is not a CUDA build")
+    release = re.search(r"release (\d+)\.", subprocess.run([_nvcc(), "--version"], capture_output=True,
+                                                         text=True).stdout)
+    if release and release.group(1) != torch.version.cuda.split(".")[0]:
+        pytest.skip(f"nvcc is CUDA {release.group(1)}, torch was built for CUDA {torch.version.cuda}: torch's "
+                    f"headers need the toolkit (or the nvidia wheels' headers) of its own major version")
     script = textwrap.dedent("""
         import sys, torch
         from lsr_kernels.backends import cuda
