@@ -5,6 +5,8 @@ What runs where:
 - CPU, always (unless ``LSR_SKIP_CUDA_BUILD=1``, which skips everything that compiles csrc/):
   * a wheel built without the extension carries csrc/ (lsr_kernels/_csrc, every included header),
     and load_jit() from that installed wheel compiles it with nvcc for sm_90 and loads it;
+  * setup.py's ahead-of-time build (LSR_BUILD_CUDA=1) makes a wheel whose lsr_kernels._C loads and
+    registers every op for CUDA;
   * the kernels' own sources, built against the CPU emulation of csrc/cpu_emulation/ (block threads
     as real threads, real barriers and shuffles, shared memory poisoned with NaN, ldmatrix and
     mma.sync with the PTX ISA's per-lane fragment layouts, ldmatrix / cp.async alignment checked,
@@ -180,12 +182,10 @@ def _setuptools_makes_wheels() -> bool:
     return version >= (70, 1) or importlib.util.find_spec("wheel") is not None  # bdist_wheel built in since 70.1
 
 
-@pytest.fixture(scope="module")
-def installed_wheel(tmp_path_factory):
-    """The package as `pip install` of a wheel built without the extension leaves it: the wheel built
+def _install_wheel(root: Path, build_cuda: str, **env_vars: str) -> Path:
+    """The package as `pip install` of a wheel leaves it: the wheel built (LSR_BUILD_CUDA=build_cuda)
     from a copy of the checkout (so no build/ of the checkout's leaks in), unpacked into a folder
-    that goes first on PYTHONPATH (what pip does with a pure-Python wheel)."""
-    root = tmp_path_factory.mktemp("wheel")
+    for the front of PYTHONPATH (what pip does with it)."""
     source = root / "source"
     source.mkdir()
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "_csrc")
@@ -195,17 +195,36 @@ def installed_wheel(tmp_path_factory):
             shutil.copytree(path, source / name, ignore=ignore)
         else:
             shutil.copy2(path, source / name)
-    env = dict(os.environ, LSR_BUILD_CUDA="0", PIP_DISABLE_PIP_VERSION_CHECK="1")
-    # This environment's setuptools when it can make wheels (offline machines), else pip's isolated build.
+    env = dict(os.environ, **env_vars, LSR_BUILD_CUDA=build_cuda, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    # This environment's setuptools when it can make wheels (offline machines; and the extension's
+    # build needs this torch), else pip's isolated build.
     isolation = ["--no-build-isolation"] if _setuptools_makes_wheels() else []
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", *isolation, "-w",
-                           str(root / "dist"), str(source)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"pip wheel failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+                           str(root / "dist"), str(source)], env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"pip wheel failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     (wheel,) = (root / "dist").glob("lsr_kernels-*.whl")
     site = root / "site"
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(site)
     return site
+
+
+@pytest.fixture(scope="module")
+def installed_wheel(tmp_path_factory):
+    """A wheel built without the extension, installed (what `pip install .` gives by default)."""
+    return _install_wheel(tmp_path_factory.mktemp("wheel"), "0")
+
+
+def _skip_unless_nvcc_builds_for_this_torch():
+    if _nvcc() is None:
+        pytest.skip("nvcc not found (set CUDA_HOME)")
+    if torch.version.cuda is None:
+        pytest.skip("torch is not a CUDA build")
+    release = re.search(r"release (\d+)\.", subprocess.run([_nvcc(), "--version"], capture_output=True,
+                                                         text=True).stdout)
+    if release and release.group(1) != torch.version.cuda.split(".")[0]:
+        pytest.skip(f"nvcc is CUDA {release.group(1)}, torch was built for CUDA {torch.version.cuda}: torch's "
+                    f"headers need the toolkit (or the nvidia wheels' headers) of its own major version")
 
 
 def _run_from(site: Path, script: str, *args: str, timeout: float = 120, **env_vars: str):
@@ -247,15 +266,7 @@ def test_wheel_carries_the_sources_load_jit_compiles(installed_wheel):
 def test_extension_compiles_for_sm90_and_loads(tmp_path, installed_wheel):
     """load_jit() from an installed wheel (its own copy of csrc/): the path of users who installed
     without building; an editable install compiles the checkout's csrc/, as the emulation tests do."""
-    if _nvcc() is None:
-        pytest.skip("nvcc not found (set CUDA_HOME)")
-    if torch.version.cuda is None:
-        pytest.skip("torch is not a CUDA build")
-    release = re.search(r"release (\d+)\.", subprocess.run([_nvcc(), "--version"], capture_output=True,
-                                                         text=True).stdout)
-    if release and release.group(1) != torch.version.cuda.split(".")[0]:
-        pytest.skip(f"nvcc is CUDA {release.group(1)}, torch was built for CUDA {torch.version.cuda}: torch's "
-                    f"headers need the toolkit (or the nvidia wheels' headers) of its own major version")
+    _skip_unless_nvcc_builds_for_this_torch()
     script = textwrap.dedent("""
         import sys, torch
         from lsr_kernels.backends import cuda
@@ -272,6 +283,35 @@ def test_extension_compiles_for_sm90_and_loads(tmp_path, installed_wheel):
     assert "lsr_kernels::info_nce_fwd(Tensor a, Tensor b, Tensor scale, bool symmetric, int offset)" in proc.stdout
     assert "lsr_kernels::itc_bwd(" in proc.stdout
     assert list(tmp_path.glob("*.so")), "no shared library in the build directory"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SKIP_BUILD, reason="LSR_SKIP_CUDA_BUILD=1")
+def test_wheel_built_ahead_of_time_loads_its_extension(tmp_path):
+    """README's ahead-of-time build, setup.py's own extension (its sources add the module entry,
+    extension.cpp, that the JIT build does not use): the wheel's lsr_kernels._C loads and registers
+    every op for CUDA tensors (a CPU tensor is refused by the dispatcher, which lists CUDA)."""
+    _skip_unless_nvcc_builds_for_this_torch()
+    if not _setuptools_makes_wheels():
+        pytest.skip("building the extension needs this environment's setuptools to make wheels")
+    site = _install_wheel(tmp_path, "1", TORCH_CUDA_ARCH_LIST="9.0", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
+    proc = _run_from(site, """
+        import torch
+        assert lsr_kernels.HAS_CUDA_EXT
+        import lsr_kernels._C
+        assert lsr_kernels._C.__file__.startswith(lsr_kernels.__path__[0]), lsr_kernels._C.__file__
+        for name in ("info_nce_fwd", "info_nce_bwd", "info_nce_fwd_grad", "exp_gram_fwd", "exp_gram_bwd",
+                     "itc_fwd", "itc_bwd"):
+            print(getattr(torch.ops.lsr_kernels, name).default._schema)
+        x = torch.randn(4, 3)
+        try:
+            torch.ops.lsr_kernels.exp_gram_fwd(x, 2.0)
+        except NotImplementedError as exc:
+            print("refused:", str(exc))
+    """)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "lsr_kernels::itc_bwd(" in proc.stdout
+    assert "only available for these backends: [CUDA" in proc.stdout, proc.stdout[-3000:]
 
 
 @pytest.mark.slow
