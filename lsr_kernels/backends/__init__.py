@@ -49,17 +49,24 @@ FAST_BACKENDS = ("chunked", "triton", "cuda")
 MIN_TRITON = (3, 5)
 
 
+def release(version: str) -> Optional[Tuple[int, int]]:
+    """``(major, minor)`` of a version string such as ``"3.5.1+git1a2b"``; ``None`` when it is not a
+    release number (a source build)."""
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return None
+    return major, minor
+
+
 def triton_unusable_reason() -> Optional[str]:
     """``None`` when the ``triton`` backend can run in this environment, else why not."""
     try:
         import triton  # (an import statement, not importlib: torch.compile traces it)
     except Exception as exc:  # an absent or broken Triton only means "not this backend"
         return f"Triton does not import ({type(exc).__name__}: {exc})"
-    try:
-        found = tuple(int(part) for part in triton.__version__.split(".")[:2])
-    except ValueError:  # not a release number (a source build): taken as recent enough
-        return None
-    if found < MIN_TRITON:
+    found = release(triton.__version__)
+    if found is not None and found < MIN_TRITON:  # (a source build is taken as recent enough)
         return (f"Triton {triton.__version__} is installed; the kernels need Triton >= "
                 f"{MIN_TRITON[0]}.{MIN_TRITON[1]} (torch >= 2.9 brings it)")
     return None
