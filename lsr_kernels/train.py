@@ -442,14 +442,36 @@ def join_process_group(device_name: str) -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=True)
 
 
-def leave_process_group() -> None:
+def leave_process_group(finished: bool) -> None:
     """Destroy the process group :func:`join_process_group` created, after freeing what still holds it.
+
+    ``finished``: every rank got through its work, so they wait for each other first (rank 0 still
+    evaluates and writes the output folder after the others' last step) and tear gloo down together.
+    After a failure there is no barrier: a rank that raised alone would leave the others waiting.
 
     DDP's reducer and gloo's finished work stay reachable through reference cycles; left to the
     interpreter's exit, their destructors run while it is being torn down and abort the process
-    ("terminate called without an active exception", about one 4-rank CPU run in 15)."""
+    ("terminate called without an active exception")."""
+    if finished:
+        dist.barrier()
     gc.collect()
     dist.destroy_process_group()
+
+
+def exit_worker(code: int) -> None:
+    """End a torchrun worker whose group is destroyed and whose files are written, skipping the
+    interpreter's teardown.
+
+    torch itself keeps the destroyed default group referenced (ten references in torch 2.14, in a
+    script that only all-reduces and destroys too), so its C++ side is freed during interpreter
+    finalisation, where gloo's threads can no longer take the GIL (pytorch/pytorch#179291 describes
+    the mechanism): std::terminate, SIGABRT, after a run whose work had all finished. CI saw it once
+    on a 4-rank CPU run even after :func:`leave_process_group`'s collection; ``os._exit`` after the
+    group is destroyed leaves no teardown to race.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class TrainingObjective(nn.Module):
@@ -500,11 +522,14 @@ def train(args: argparse.Namespace, *, stop_after: Optional[int] = None, log=pri
     data-parallel run (module docstring); ranks other than 0 return the per-step history only.
     """
     ranks = join_process_group(args.device)
+    finished = False
     try:
-        return _train(args, ranks, stop_after=stop_after, log=log if ranks.is_main else (lambda *a, **k: None))
+        metrics = _train(args, ranks, stop_after=stop_after, log=log if ranks.is_main else (lambda *a, **k: None))
+        finished = True
+        return metrics
     finally:
         if ranks.owns_group:
-            leave_process_group()
+            leave_process_group(finished)
 
 
 def _train(args: argparse.Namespace, ranks: Ranks, *, stop_after: Optional[int], log) -> dict:
@@ -789,21 +814,26 @@ def _pct(value: Optional[float]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    ranks, code = Ranks(), 0
     try:
         # Under torchrun the process group lives for the whole command (every --compare run shares it).
         ranks = join_process_group(args.device)
+        finished = False
         try:
             if args.compare:
                 compare(args)
             else:
                 train(args)
+            finished = True
         finally:
             if ranks.owns_group:
-                leave_process_group()
+                leave_process_group(finished)
     except InputError as err:  # bad data or configuration found before training: one clear line
         print(f"lsr-train: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        code = 2
+    if ranks.owns_group:
+        exit_worker(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import gc
 import importlib.util
 import os
 import re
+import sys
 import tempfile
 import time
 
@@ -65,6 +66,12 @@ def _worker(rank, world_size, init_file, pg_backend, job, args):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # torch keeps the destroyed group referenced, so the interpreter's teardown would free it, and that
+    # can abort a finished worker the same way (lsr_kernels.train.exit_worker). A failed job raises
+    # above instead and reaches the parent through torch.multiprocessing's error queue.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _run(job, world_size, *args, pg_backend="gloo", timeout=JOB_TIMEOUT_S):

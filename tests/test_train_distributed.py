@@ -15,6 +15,7 @@ test instead of stalling the suite.
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -32,13 +33,30 @@ WEIGHT_RTOL = 1e-4
 JOB_TIMEOUT_S = 240
 
 
+# Imported by every Python process of a job (PYTHONPATH): a worker that reached the interpreter's
+# teardown leaves a file. lsr-train's workers must end with os._exit once their group is destroyed,
+# since that teardown can abort a finished run (train.exit_worker).
+TEARDOWN_PROBE = """import atexit, os
+if "LOCAL_RANK" in os.environ:
+    atexit.register(lambda: open(os.path.join(os.environ["LSR_TEARDOWN_DIR"], "rank" + os.environ["RANK"]), "w").close())
+"""
+
+
 def _torchrun(world, argv, expect_ok=True):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           "-m", "lsr_kernels.train", *argv]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
-    if expect_ok:
-        assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    """Run ``lsr_kernels.train`` under ``torchrun --standalone`` on ``world`` CPU ranks and check that
+    every worker ended without the interpreter's teardown, failed or not."""
+    with tempfile.TemporaryDirectory(prefix="lsr-site-") as site:
+        with open(os.path.join(site, "sitecustomize.py"), "w") as f:
+            f.write(TEARDOWN_PROBE)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([site, REPO, os.environ.get("PYTHONPATH", "")]),
+                   OMP_NUM_THREADS="1", LSR_TEARDOWN_DIR=site)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+               "-m", "lsr_kernels.train", *argv]
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+        if expect_ok:
+            assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        torn_down = sorted(name for name in os.listdir(site) if name.startswith("rank"))
+    assert not torn_down, f"workers went through interpreter teardown: {torn_down}\n{proc.stderr[-3000:]}"
     return proc
 
 
