@@ -68,7 +68,6 @@ def gemm_ms(n: int, d: int, dtype: torch.dtype, device: torch.device) -> float:
     b = torch.randn(n, d, device=device, generator=gen).to(dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
     ms = time_ms(lambda: torch.mm(a, b.t(), out=out), device)
-    del a, b, out
     return ms
 
 

@@ -4,7 +4,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import lsr_kernels
 from lsr_kernels import FeatureQueue, ITCLoss, LSRLoss, backends, reference as R
