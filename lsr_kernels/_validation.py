@@ -19,6 +19,13 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: The feature matrices an ALBEF ITC call cannot do without (the queues are optional).
 ITC_REQUIRED = ("image_features", "text_features", "image_features_m", "text_features_m")
 
+#: Largest logit scale accepted. The features are L2-normalised, so the logits are ``s * cos`` with
+#: fp32 cosines rounded at ~6e-8: past ~1e6 that rounding moves logits by more than 0.06 and decides
+#: the softmax (CLIP clamps ``s`` at 100, ALBEF's ``1 / temp`` is at most 1000). Far past it the fused
+#: kernels' finite stand-in for -inf on padded logits (-1e30) is no longer below every real logit,
+#: and near the fp32 maximum every backend overflows.
+MAX_LOGIT_SCALE = 1e6
+
 #: Largest uniformity temperature accepted. The j = k terms of L_uni are exp(-t_u * d_jj) with
 #: d_jj = |x|^2 + |x|^2 - 2 <x, x>, zero only up to fp32 rounding (~1e-7): past ~1e4 that rounding
 #: decides the loss (and past ~1e20 every term underflows to 0 and the log to -inf).
@@ -78,10 +85,11 @@ def check_features(named: Dict[str, Optional[Tensor]], *, width_only: Sequence[s
                 raise ValueError(f"{name}: zero feature width (D = 0), got {_describe(x)}")
             continue
         if x.dtype != dtype:
-            raise TypeError(f"{name}: dtype {x.dtype} differs from {first_name}'s {dtype} "
-                            f"(mixed dtypes; cast the features to one dtype)")
+            raise TypeError(f"{name}: dtype {x.dtype} differs from {first_name}'s {dtype} (got {_describe(x)}, "
+                            f"{first_name} has shape {(n, d)}; mixed dtypes: cast the features to one dtype)")
         if x.device != device:
-            raise ValueError(f"{name}: device {x.device} differs from {first_name}'s {device}")
+            raise ValueError(f"{name}: device {x.device} differs from {first_name}'s {device} (got {_describe(x)}, "
+                             f"{first_name} has shape {(n, d)})")
         if x.shape[1] != d:
             raise ValueError(f"{name}: feature width D = {x.shape[1]} does not match {first_name}'s "
                              f"D = {d} (got {_describe(x)}, {first_name} has shape {(n, d)})")
@@ -92,22 +100,23 @@ def check_features(named: Dict[str, Optional[Tensor]], *, width_only: Sequence[s
 
 
 def check_scale(logit_scale, like: Tensor) -> Tensor:
-    """Return the logit scale as a 0-dim tensor on ``like``'s device; reject non-scalars and s <= 0.
+    """Return the logit scale as a 0-dim tensor on ``like``'s device; reject non-scalars and values
+    outside ``(0, MAX_LOGIT_SCALE]``.
 
     ``logit_scale`` is the already-exponentiated multiplier (open_clip's convention). A Python or
-    NumPy number becomes a constant tensor. The value must be finite in the dtype the logits are
-    computed in (fp64 for fp64 features, fp32 otherwise). The check reads the value (one host sync
-    per call, skipped while ``torch.compile`` traces).
+    NumPy number becomes a constant tensor (fp64 for fp64 features, fp32 otherwise). The check reads
+    a tensor's value (one host sync per call, skipped while ``torch.compile`` traces and for meta
+    tensors, which have none).
     """
-    compute = torch.float64 if like.dtype == torch.float64 else torch.float32
-
     def check_value(value: float) -> None:
-        if not (0 < value <= torch.finfo(compute).max):
-            raise ValueError(f"logit_scale: expected a finite positive multiplier (already exponentiated, "
-                             f"as open_clip passes logit_scale.exp()) representable in {compute}, got {value!r}")
+        if not (0 < value <= MAX_LOGIT_SCALE):
+            raise ValueError(f"logit_scale: expected a finite positive multiplier of at most {MAX_LOGIT_SCALE:g} "
+                             f"(already exponentiated, as open_clip passes logit_scale.exp(); CLIP clamps it "
+                             f"at 100), got {value!r}")
 
     if isinstance(logit_scale, numbers.Real) and not isinstance(logit_scale, bool):
         check_value(float(logit_scale))
+        compute = torch.float64 if like.dtype == torch.float64 else torch.float32
         return torch.tensor(float(logit_scale), device=like.device, dtype=compute)
     if not isinstance(logit_scale, Tensor):
         raise TypeError(f"logit_scale: expected a scalar tensor or a number, got {type(logit_scale).__name__}")
@@ -117,9 +126,10 @@ def check_scale(logit_scale, like: Tensor) -> Tensor:
     if not logit_scale.is_floating_point():
         raise TypeError(f"logit_scale: expected a floating tensor, got dtype {logit_scale.dtype}")
     if logit_scale.device != like.device:
-        raise ValueError(f"logit_scale: device {logit_scale.device} differs from the features' {like.device}")
+        raise ValueError(f"logit_scale: device {logit_scale.device} differs from the features' {like.device} "
+                         f"(logit_scale has shape {tuple(logit_scale.shape)}, the features {tuple(like.shape)})")
     logit_scale = logit_scale.reshape(())
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and logit_scale.device.type != "meta":
         check_value(float(logit_scale.detach()))
     return logit_scale
 

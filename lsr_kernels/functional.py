@@ -42,7 +42,7 @@ def lsr_loss(
     Args:
         image_features, text_features: ``[N, D]`` L2-normalised rows (``V``, ``T``).
         logit_scale: the already-exponentiated scale ``s`` (a CLIP model passes ``logit_scale.exp()``,
-            an ALBEF model ``1 / temp``); a scalar tensor that may require grad.
+            an ALBEF model ``1 / temp``); a scalar tensor that may require grad, in (0, 1e6].
         image_aug, text_aug: augmented views ``Va``, ``Ta``. With both, the contrastive loss is the
             four-term form of SPEC 2.1 and geometric consistency adds ``L_gca``. The bridge needs
             ``image_aug``.

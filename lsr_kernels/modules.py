@@ -178,6 +178,13 @@ class ITCLoss(_DistributedArgs):
             if not isinstance(queue, FeatureQueue):
                 raise TypeError(f"{name}: expected a FeatureQueue (its buffer is queue.features), "
                                 f"got {type(queue).__name__}")
+        V.check_features({"image_features_m": image_features_m, "text_features_m": text_features_m},
+                         required=("image_features_m", "text_features_m"))
+        for name, rows, queue_name, queue in (("image_features_m", image_features_m, "image_queue", image_queue),
+                                              ("text_features_m", text_features_m, "text_queue", text_queue)):
+            if rows.shape[1] != queue.features.shape[1]:
+                raise ValueError(f"{name}: feature width D = {rows.shape[1]} does not match {queue_name}'s "
+                                 f"D = {queue.features.shape[1]} (got shape {tuple(rows.shape)})")
         group = self.process_group if self.world_size > 1 else False
         image_queue.enqueue_gathered(image_features_m, group=group)
         text_queue.enqueue_gathered(text_features_m, group=group)

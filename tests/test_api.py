@@ -7,7 +7,7 @@ import torch
 
 import lsr_kernels
 from lsr_kernels import FeatureQueue, ITCLoss, LSRLoss, backends, reference as R
-from helpers import lsr_inputs, rel_err, unit_rows
+from helpers import backend_available, lsr_inputs, rel_err, unit_rows
 
 open_clip_loss = pytest.importorskip("open_clip.loss")
 
@@ -158,7 +158,8 @@ def _bad(match, exc=ValueError, **overrides):
     dict(match=r"text_features: batch size N = 5 does not match image_features's N = 6",
          text_features=torch.zeros(5, 4)),
     dict(match=r"image_aug: feature width D = 3 does not match", image_aug=torch.zeros(6, 3)),
-    dict(match=r"text_ind: dtype torch.float64 differs", exc=TypeError, text_ind=torch.zeros(6, 4, dtype=torch.float64),
+    dict(match=r"text_ind: dtype torch.float64 differs from image_features's torch.float32 \(got shape \(6, 4\), "
+               r"dtype torch.float64, device cpu, image_features has shape \(6, 4\)", exc=TypeError, text_ind=torch.zeros(6, 4, dtype=torch.float64),
          sep_weight=1.0),
     dict(match=r"image_features: expected float16.*torch.int64", exc=TypeError,
          image_features=torch.zeros(6, 4, dtype=torch.long)),
@@ -183,9 +184,11 @@ def _bad(match, exc=ValueError, **overrides):
     dict(match=r"text_features: expected a torch.Tensor, got None", exc=TypeError, text_features=None),
     dict(match=r"text_features: expected a dense \(strided\) tensor, got layout torch.sparse_coo", exc=TypeError,
          text_features=unit_rows(6, 4).detach().to_sparse()),
-    dict(match=r"logit_scale: .*representable in torch.float32, got 1e\+39", logit_scale=1e39),
-    dict(match=r"logit_scale: .*representable in torch.float32, got 1e\+39",
-         logit_scale=torch.tensor(1e39, dtype=torch.float64)),
+    dict(match=r"logit_scale: expected a finite positive multiplier of at most 1e\+06 .*got 1e\+39", logit_scale=1e39),
+    dict(match=r"logit_scale: .*of at most 1e\+06 .*got 1e\+39", logit_scale=torch.tensor(1e39, dtype=torch.float64)),
+    # Past the ceiling the fused kernels' -1e30 padding would count in the softmax: a wrong number.
+    dict(match=r"logit_scale: .*of at most 1e\+06 .*got 1e\+30", logit_scale=torch.tensor(1e30, dtype=torch.float64)),
+    dict(match=r"logit_scale: .*of at most 1e\+06 .*got 1000001.0", logit_scale=1e6 + 1),
     dict(match=r"logit_scale: expected a finite positive", logit_scale=float("inf")),
     dict(match=r"uniformity_t: expected at most 10000", uniformity_t=1e6),
     dict(match=r"gc_weight: expected a Python number, got a Tensor", exc=TypeError, gc_weight=torch.tensor(0.5)),
@@ -197,10 +200,34 @@ def test_bad_lsr_inputs(case):
 
 def test_bad_device_names_argument():
     v = unit_rows(4, 3)
-    with pytest.raises(ValueError, match=r"text_features: device meta differs from image_features's cpu"):
+    with pytest.raises(ValueError, match=r"text_features: device meta differs from image_features's cpu \(got "
+                                         r"shape \(4, 3\), dtype torch.float32, device meta, image_features has "
+                                         r"shape \(4, 3\)\)"):
         lsr_kernels.clip_loss(v, torch.zeros(4, 3, device="meta"), 1.0, backend="reference")
-    with pytest.raises(ValueError, match=r"logit_scale: device meta differs"):
+    with pytest.raises(ValueError, match=r"logit_scale: device meta differs from the features' cpu \(logit_scale "
+                                         r"has shape \(\), the features \(4, 3\)\)"):
         lsr_kernels.clip_loss(v, v, torch.tensor(1.0, device="meta"), backend="reference")
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_meta_inputs_trace_shapes(backend):
+    """Meta tensors (shape inference, no data): the scale's value check is skipped, nothing reads data."""
+    v, t = torch.empty(4, 3, device="meta"), torch.empty(4, 3, device="meta")
+    for scale in (5.0, torch.tensor(5.0, device="meta")):
+        loss = lsr_kernels.clip_loss(v, t, scale, backend=backend)
+        assert loss.device.type == "meta" and loss.shape == ()
+
+
+def test_largest_logit_scale_is_accepted_and_exact():
+    """s = 1e6 on a lone pair at cosine -1: the loss and its gradients are exactly 0 on every backend
+    that runs here (a padded column counting in the softmax would make them 1e6-sized)."""
+    v = unit_rows(1, 8).detach()
+    for backend in ["reference", "chunked"] + (["triton"] if backend_available("triton") else []):
+        a, b, s = v.clone().requires_grad_(), (-v).clone().requires_grad_(), torch.tensor(1e6, requires_grad=True)
+        loss = lsr_kernels.clip_loss(a, b, s, backend=backend)
+        loss.backward()
+        assert loss.item() == 0.0, backend
+        assert s.grad.item() == 0.0 and not a.grad.any() and not b.grad.any(), backend
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -290,6 +317,21 @@ def test_queue_rejects_bad_construction(args, kw, exc, match):
 def test_dequeue_and_enqueue_wants_feature_queues():
     with pytest.raises(TypeError, match=r"image_queue: expected a FeatureQueue .*got Tensor"):
         ITCLoss().dequeue_and_enqueue(torch.zeros(8, 4), FeatureQueue(8, 4), unit_rows(2, 4), unit_rows(2, 4))
+
+
+@pytest.mark.parametrize("vm,tm,exc,match", [
+    (unit_rows(2, 3), unit_rows(2, 4), ValueError, r"text_features_m: feature width D = 4 does not match "
+                                                   r"image_features_m's D = 3"),
+    (unit_rows(2, 3), unit_rows(2, 3), ValueError, r"image_features_m: feature width D = 3 does not match "
+                                                   r"image_queue's D = 4 \(got shape \(2, 3\)\)"),
+    (unit_rows(2, 4), None, TypeError, r"text_features_m: expected a torch.Tensor, got None"),
+])
+def test_dequeue_and_enqueue_names_its_arguments(vm, tm, exc, match):
+    queues = FeatureQueue(8, 4), FeatureQueue(8, 4)
+    before = [q.features.clone() for q in queues]
+    with pytest.raises(exc, match=match):
+        ITCLoss().dequeue_and_enqueue(*queues, vm, tm)
+    assert all(torch.equal(q.features, b) for q, b in zip(queues, before))
 
 
 def test_queue_longer_than_batch_with_its_own_length_is_fine():
