@@ -1,10 +1,10 @@
 """``lsr-train``: the reference training loop for CLIP and ALBEF with the LSR regularisers.
 
-    lsr-train                                  # CLIP + all regularisers on the bundled digits, ~2 min on CPU
+    lsr-train                                  # CLIP + all regularisers on the bundled digits, ~15 s on 2 CPU cores
     lsr-train --model albef --reg all --steps 400
     lsr-train --compare --out runs/compare     # baseline and each regulariser, a paper-style table
     lsr-train --csv pairs.tsv --csv-img-key filepath --csv-caption-key title --image-size 32
-    lsr-train --resume runs/clip-all --steps 600   # continue the same trajectory
+    lsr-train --resume runs/clip-all             # an interrupted run continues its trajectory
 
 Data parallel: ``torchrun --nproc_per_node W -m lsr_kernels.train ...`` (or ``torchrun --nproc_per_node W
 $(which lsr-train) ...``) trains one model on ``W`` processes with DDP (NCCL on CUDA, one GPU per local
@@ -141,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=_positive_int, default=64,
                    help="global batch (under torchrun: split evenly over the ranks)")
-    g.add_argument("--steps", type=_positive_int, default=300, help="total optimiser steps (of the whole run)")
+    g.add_argument("--steps", type=_positive_int, default=300,
+                   help="total optimiser steps of the whole run (with --resume, default: the checkpoint's; a larger "
+                        "total extends the run, its cosine schedule recomputed for the new total)")
     g.add_argument("--lr", type=_positive_float, default=1e-3, help="peak AdamW learning rate")
     g.add_argument("--weight-decay", type=_non_negative_float, default=0.1)
     g.add_argument("--warmup", type=_non_negative_int, default=20, help="linear warm-up steps before the cosine decay")
@@ -248,6 +250,8 @@ def _merge_resume_args(args: argparse.Namespace, parser: argparse.ArgumentParser
             parser.error(f"--{key.replace('_', '-')} {mine!r} differs from the checkpoint's {theirs!r} "
                          f"(resume continues the saved run; start a new run to change it)")
         setattr(args, key, theirs)
+    if args.steps == parser.get_default("steps"):  # not given: the saved run's own total
+        args.steps = saved["steps"]
     if args.out is None:
         args.out = args.resume if os.path.isdir(args.resume) else os.path.dirname(os.path.abspath(args.resume))
 

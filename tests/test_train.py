@@ -148,7 +148,8 @@ def test_resume_continues_the_same_trajectory(runs, tmp_path, model):
     out = tmp_path / "interrupted"
     T.train(T.parse_args(_argv(model, backend, out)), stop_after=5, log=lambda s: None)
     assert _state(out)["step"] == 5
-    assert T.main(["--resume", str(out), "--steps", str(PARITY_STEPS), "--backend", backend, "--no-progress"]) == 0
+    # No --steps: a resumed run keeps its checkpoint's total (and so its learning-rate schedule).
+    assert T.main(["--resume", str(out), "--backend", backend, "--no-progress"]) == 0
     resumed, uninterrupted = _metrics(out), _metrics(full)
     assert [h["step"] for h in resumed["history"]] == list(range(1, PARITY_STEPS + 1))
     assert resumed["history"] == uninterrupted["history"]  # bit for bit, every term of every step
@@ -168,6 +169,8 @@ def test_resume_refuses_to_change_the_trajectory(runs, capsys):
     with pytest.raises(SystemExit):
         T.parse_args(["--resume", os.path.join(out, "nothing-here.pt")])
     assert "no checkpoint" in capsys.readouterr().err
+    assert T.parse_args(["--resume", out]).steps == 12  # the checkpoint's total
+    assert T.parse_args(["--resume", out, "--steps", "40"]).steps == 40  # extends the run
     args = T.parse_args(["--resume", out, "--steps", "3"])
     with pytest.raises(ValueError, match="--steps 3 is below the checkpoint's step 12"):
         T.train(args, log=lambda s: None)
