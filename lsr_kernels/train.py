@@ -34,6 +34,7 @@ near chance and reaches ~43% zero-shot at 1,000 steps (--model albef --reg none 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import inspect
@@ -44,7 +45,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -462,6 +463,20 @@ def leave_process_group(finished: bool) -> None:
     dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def process_group(device_name: str) -> Iterator[Ranks]:
+    """The run's :class:`Ranks` (:func:`join_process_group`) for the ``with`` body; afterwards the
+    group this call created is left, with the barrier only when the body finished without raising."""
+    ranks = join_process_group(device_name)
+    finished = False
+    try:
+        yield ranks
+        finished = True
+    finally:
+        if ranks.owns_group:
+            leave_process_group(finished)
+
+
 def exit_worker(code: int) -> None:
     """End a torchrun worker whose group is destroyed and whose files are written, skipping the
     interpreter's teardown.
@@ -525,15 +540,8 @@ def train(args: argparse.Namespace, *, stop_after: Optional[int] = None, log=pri
     Under torchrun (or in a process whose default group is initialised) this is one rank of a
     data-parallel run (module docstring); ranks other than 0 return the per-step history only.
     """
-    ranks = join_process_group(args.device)
-    finished = False
-    try:
-        metrics = _train(args, ranks, stop_after=stop_after, log=log if ranks.is_main else (lambda *a, **k: None))
-        finished = True
-        return metrics
-    finally:
-        if ranks.owns_group:
-            leave_process_group(finished)
+    with process_group(args.device) as ranks:
+        return _train(args, ranks, stop_after=stop_after, log=log if ranks.is_main else (lambda *a, **k: None))
 
 
 def _train(args: argparse.Namespace, ranks: Ranks, *, stop_after: Optional[int], log) -> dict:
@@ -821,17 +829,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ranks, code = Ranks(), 0
     try:
         # Under torchrun the process group lives for the whole command (every --compare run shares it).
-        ranks = join_process_group(args.device)
-        finished = False
-        try:
+        with process_group(args.device) as ranks:
             if args.compare:
                 compare(args)
             else:
                 train(args)
-            finished = True
-        finally:
-            if ranks.owns_group:
-                leave_process_group(finished)
     except InputError as err:  # bad data or configuration found before training: one clear line
         print(f"lsr-train: error: {err}", file=sys.stderr)
         code = 2
