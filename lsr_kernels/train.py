@@ -1,6 +1,6 @@
 """``lsr-train``: the reference training loop for CLIP and ALBEF with the LSR regularisers.
 
-    lsr-train                                  # CLIP + all regularisers on the bundled digits, ~15 s on 2 CPU cores
+    lsr-train                                  # CLIP + all regularisers on the bundled digits, < 1 min on 2 CPU cores
     lsr-train --model albef --reg all --steps 400
     lsr-train --compare --out runs/compare     # baseline and each regulariser, a paper-style table
     lsr-train --csv pairs.tsv --csv-img-key filepath --csv-caption-key title --image-size 32
