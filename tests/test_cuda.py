@@ -41,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -166,6 +167,49 @@ def test_primitive_without_extension_says_how_to_build():
         cuda_backend.info_nce(x, x, torch.tensor(1.0), True)
     with pytest.raises(RuntimeError, match="load_jit"):
         cuda_backend.exp_gram_sum(x, 2.0)
+
+
+# ------------------------------------------------------------------------- JIT builds, repeated
+def _record_loads(monkeypatch):
+    """Replace cpp_extension.load (no compile) with a recorder of its keyword arguments."""
+    from torch.utils import cpp_extension
+    calls = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: calls.append(kwargs))
+    return calls
+
+
+def test_jit_build_after_an_interrupted_build(tmp_path, monkeypatch):
+    """A killed build leaves torch's lock file behind; torch would wait on it forever."""
+    calls = _record_loads(monkeypatch)
+    (tmp_path / "lock").touch()
+    with pytest.warns(UserWarning, match="left by a build that was interrupted"):
+        cuda_backend._jit_build("lsr_kernels_cuda", str(tmp_path), sources=[])
+    assert not (tmp_path / "lock").exists()
+    # named for this torch: a build cached under another torch is not loaded ("undefined symbol")
+    tag = re.sub(r"[^0-9A-Za-z]", "_", torch.__version__)
+    assert calls == [{"name": f"lsr_kernels_cuda_torch_{tag}", "build_directory": str(tmp_path), "sources": []}]
+
+
+def test_jit_build_waits_for_a_live_build(tmp_path, monkeypatch):
+    """Another process building the same folder: wait for it, never take its lock file for a dead one."""
+    pytest.importorskip("fcntl")
+    calls = _record_loads(monkeypatch)
+    builder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import fcntl, os, sys, time
+        folder = sys.argv[1]
+        with open(os.path.join(folder, "lsr_kernels_build.flock"), "a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            open(os.path.join(folder, "lock"), "w").close()  # torch's lock file, as a live build has it
+            print("building", flush=True)
+            time.sleep(1.0)
+            os.remove(os.path.join(folder, "lock"))
+    """), str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert builder.stdout.readline().strip() == "building"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning here would mean the live build's lock was removed
+        cuda_backend._jit_build("lsr_kernels_cuda", str(tmp_path), sources=[])
+    assert builder.wait(timeout=30) == 0
+    assert len(calls) == 1 and not (tmp_path / "lock").exists()
 
 
 # ------------------------------------------------------------------------------ CPU build check

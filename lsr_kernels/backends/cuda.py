@@ -33,7 +33,9 @@ from __future__ import annotations
 import glob
 import importlib
 import os
+import re
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional
@@ -365,6 +367,37 @@ def _sources(names) -> List[str]:
     return [str(p) for p in paths]
 
 
+def _jit_build(name: str, build_directory: Optional[str], **kwargs: Any) -> None:
+    """``torch.utils.cpp_extension.load`` of one of this package's libraries, made safe to repeat.
+
+    - The name (the library's file and, by default, its folder in torch's extension cache) carries
+      torch's version: the cache keys a build on its sources and flags only, so after a torch upgrade
+      it would load the old build, which fails with "undefined symbol".
+    - torch serialises builds of a folder with a lock *file* that a killed build leaves behind; every
+      later build would then wait on it forever. These builds take an ``flock`` on the folder first,
+      which the OS releases when its holder dies, so a lock file found while holding it is a dead
+      build's and is removed.
+    """
+    from torch.utils import cpp_extension
+
+    name = f"{name}_torch_{re.sub(r'[^0-9A-Za-z]', '_', torch.__version__)}"
+    if build_directory is None:
+        build_directory = cpp_extension._get_build_directory(name, verbose=False)  # what load() would use
+    os.makedirs(build_directory, exist_ok=True)
+    with open(os.path.join(build_directory, "lsr_kernels_build.flock"), "a") as held:
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): torch's lock file alone
+            fcntl = None
+        if fcntl is not None:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            stale = os.path.join(build_directory, "lock")
+            if os.path.exists(stale):
+                warnings.warn(f"lsr_kernels: removing {stale}, left by a build that was interrupted", stacklevel=3)
+                os.remove(stale)
+        cpp_extension.load(name=name, build_directory=build_directory, **kwargs)
+
+
 def load_jit(verbose: bool = False, build_directory: Optional[str] = None) -> None:
     """Compile ``csrc/`` with ninja + nvcc (``torch.utils.cpp_extension.load``) and load the ops.
 
@@ -375,21 +408,18 @@ def load_jit(verbose: bool = False, build_directory: Optional[str] = None) -> No
     if _ops_registered():
         _on_loaded(_NAMESPACE)
         return
-    from torch.utils import cpp_extension
-
     sources = _sources(_OP_SOURCES)
     _ensure_cuda_home()
     arch_unset = "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available()
     if arch_unset:
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
     try:
-        cpp_extension.load(
-            name="lsr_kernels_cuda",
+        _jit_build(
+            "lsr_kernels_cuda", build_directory,
             sources=sources,
             extra_include_paths=[str(CSRC_DIR)] + cuda_include_dirs(),
             extra_cflags=CXX_FLAGS,
             extra_cuda_cflags=NVCC_FLAGS,
-            build_directory=build_directory,
             verbose=verbose,
             is_python_module=False,
         )
@@ -448,19 +478,16 @@ def load_cpu_emulation(verbose: bool = False, build_directory: Optional[str] = N
         raise RuntimeError(f"load_cpu_emulation(sanitize={sanitize!r}): this process already loaded the "
                            f"{_EMULATION_BUILD} build (one per process: the ops share a namespace)")
     if not _ops_registered(_EMULATION_NAMESPACE):
-        from torch.utils import cpp_extension
-
         name, flags, ldflags = "lsr_kernels_cpu_emulation", ["-O2"], []
         if sanitize is not None:
             flags = _SANITIZERS[sanitize][1]
             name, ldflags = f"{name}_{sanitize}", [f for f in flags if f.startswith("-fsanitize=")]
-        cpp_extension.load(
-            name=name,
+        _jit_build(
+            name, build_directory,
             sources=_sources(_EMULATION_SOURCES),
             extra_include_paths=[str(CSRC_DIR)] + cuda_include_dirs(),
             extra_cflags=flags + ["-DLSR_CPU_EMULATION", "-pthread", "-Wno-attributes"],
             extra_ldflags=ldflags + ["-pthread"],
-            build_directory=build_directory,
             verbose=verbose,
             with_cuda=False,
             is_python_module=False,
