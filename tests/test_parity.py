@@ -159,7 +159,11 @@ def test_exp_gram_sum_primitive(case, n, d, t):
     x = unit_rows(n, d, device=device)
     ours, ref = backends.primitives(name).exp_gram_sum(x, t), R.exp_gram_sum(x, t)
     assert rel_err(ours, ref) < 2e-5
-    assert rel_err(grads(ours, [x])[0], grads(ref, [x])[0]) < 1e-4
+    g, h = grads(ours, [x])[0], grads(ref, [x])[0]
+    if h.any():
+        assert rel_err(g, h) < 1e-4
+    else:  # N = 1: exactly zero, which a GPU's fused multiply-add may leave as a rounding residue
+        assert g.abs().max().item() <= 1e-6
 
 
 # ------------------------------------------------------------------------- low precision

@@ -256,18 +256,20 @@ def _spread_statistics(kind, n=None, d=16, device="cpu"):
     """fp16-representable rows (float32) whose statistics spread far past ``FACTORED_EXP_SPREAD`` at
     s = 30 (base 2), in the rows or in the columns only: one side's rows nearly parallel with norm 3
     (narrow statistics), the other's of norm 3 and 0.01 in turn, half of them ~390 below the tile's top;
-    ``both``: norms from 0.05 to 4 on both sides (a's rising, b's falling)."""
+    ``both``: nearly parallel rows with norms from 0.05 to 4 on both sides (a's rising, b's falling).
+    "Nearly parallel" (cosine ~0.93 to a common direction) at any ``d``: the noise shrinks as ``d``
+    grows, since random rows of D = 512 are nearly orthogonal and their logits too small to spread
+    (``both`` at n = 1000, D = 512 then spreads past the limit in a few tiles, not in none)."""
     gen = torch.Generator().manual_seed(7)
+    n = n or (40 if kind == "both" else 32)
+    u = torch.nn.functional.normalize(torch.randn(d, dtype=torch.float64, generator=gen), dim=0)
+    noise = 0.1 * (16 / d) ** 0.5
+    near = lambda: torch.nn.functional.normalize(  # noqa: E731
+        u + noise * torch.randn(n, d, dtype=torch.float64, generator=gen), dim=-1)
     if kind == "both":
-        n = n or 40
         norms = torch.logspace(-1.3, 0.6, n, dtype=torch.float64)[:, None]
-        a = unit_rows(n, d, dtype=torch.float64, requires_grad=False) * norms
-        b = unit_rows(n, d, dtype=torch.float64, requires_grad=False) * norms.flip(0)
+        a, b = near() * norms, near() * norms.flip(0)
     else:
-        n = n or 32
-        u = torch.nn.functional.normalize(torch.randn(d, dtype=torch.float64, generator=gen), dim=0)
-        near = lambda: torch.nn.functional.normalize(  # noqa: E731
-            u + 0.1 * torch.randn(n, d, dtype=torch.float64, generator=gen), dim=-1)
         narrow = 3 * near()
         wide = near() * torch.tensor([3.0, 0.01], dtype=torch.float64).repeat(n)[:n, None]
         a, b = (wide, narrow) if kind == "rows" else (narrow, wide)
