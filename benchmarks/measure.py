@@ -77,7 +77,7 @@ def _is_oom(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower()
-                                              or "std::bad_alloc" in text)
+                                              or "std::bad_alloc" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text)
 
 
 def _short(exc: BaseException, limit: int = 400) -> str:
@@ -309,8 +309,18 @@ def measure_cuda(case: Case) -> Dict[str, object]:
     # Outside the except block, so the traceback's frames no longer pin the tensors.
     del inputs, fn
     gc.collect()
-    torch.cuda.empty_cache()
+    release_cuda_cache()
     return rec
+
+
+def release_cuda_cache() -> None:
+    """``torch.cuda.empty_cache()``, which itself raises once a sticky error (an illegal address, a
+    device-side assert) has broken the context: the record that says which case did it must still be
+    written, and the cases after it recorded as skipped."""
+    try:
+        torch.cuda.empty_cache()
+    except Exception:  # torch.AcceleratorError / RuntimeError: the context is gone, nothing to free
+        pass
 
 
 # ------------------------------------------------------------------------------------ common
@@ -393,14 +403,20 @@ def run_cases(cases: List[Case], out_path: Optional[Path] = None, **kw) -> List[
     out, poisoned = [], None
     for case in cases:
         if poisoned:
-            rec = _base_record(case, _cuda_device() if case.device == "cuda" else torch.device("cpu"))
-            rec.update(status="skipped", note=f"not run: an earlier case broke the CUDA context ({poisoned})")
-            if out_path is not None:
-                R.append(rec, out_path)
-            print(summary_line(rec), flush=True)
+            rec = skipped_record(case, poisoned, out_path)
         else:
             rec = run_case(case, out_path, **kw)
             if is_sticky_cuda_error(rec):
                 poisoned = f"{rec['provider']} {rec['op']} N={rec['N']}"
         out.append(rec)
     return out
+
+
+def skipped_record(case: Case, culprit: str, out_path: Optional[Path] = None) -> Dict[str, object]:
+    """The record of a case not run because ``culprit`` broke this process's CUDA context."""
+    rec = _base_record(case, _cuda_device() if case.device == "cuda" else torch.device("cpu"))
+    rec.update(status="skipped", note=f"not run: an earlier case broke the CUDA context ({culprit})")
+    if out_path is not None:
+        R.append(rec, out_path)
+    print(summary_line(rec), flush=True)
+    return rec

@@ -27,7 +27,7 @@ from . import ops as O
 from . import providers as P
 from . import records as R
 from .common import Settings
-from .measure import Case, make_timed_fn
+from .measure import Case, make_timed_fn, release_cuda_cache
 
 #: Profiled steps after warm-up (the table is per step).
 STEPS = 3
@@ -187,7 +187,7 @@ def run(ops: Sequence[str], providers: Sequence[str], n: int, d: int, k: int, dt
             finally:
                 inputs = fn = None
                 if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                    release_cuda_cache()
             # an ITC product is N x (N + K) x D: scale the unit so "products" reads against the floor
             unit = product_ms * (n + case.k) / n if product_ms else None
             _emit([head] + format_table(rows, STEPS, step_ms, unit), out)

@@ -205,8 +205,9 @@ KEY = ("device", "threads", "provider", "op", "mode", "N", "D", "K", "dtype", "k
 
 
 def latest(records: Iterable[Dict[str, object]]) -> List[Dict[str, object]]:
-    """The last record for each (device, threads, provider, op, mode, N, D, K, dtype, kind): later runs win."""
+    """The last record for each (device, threads, provider, op, mode, N, D, K, dtype, kind): later runs
+    win. A ``max_n`` record answers its search whatever N it reached, so there N is left out."""
     by_key = {}
     for rec in records:
-        by_key[tuple(rec.get(k) for k in KEY)] = rec
+        by_key[tuple(None if (k == "N" and rec.get("kind") == "max_n") else rec.get(k) for k in KEY)] = rec
     return list(by_key.values())

@@ -224,19 +224,93 @@ def test_largest_n_stops_at_oom_bound_and_time_cap(tmp_path, monkeypatch):
     summary = bench_max_n.largest_n(s, "t", "clip", "chunked", 8, "float32", 32, 128)
     assert calls == [32, 64, 128] and summary["N"] == 128 and "bound" in summary["note"]
 
-    # each call 1 s at N=32, 4x per doubling: the search stops before a probe would break the cap
-    fake, calls = _fake_run_case(ms_at=lambda n: 1000.0 * (n / 32) ** 2)
-    monkeypatch.setattr(bench_max_n, "run_case", fake)
+    # each probe 1 s of wall time at N=32 (warm-up and autotuning included), 4x per doubling, while its
+    # one timed call is 1 ms: the search stops before a probe would break the cap, judged by wall time
+    clock = [0.0]
+    monkeypatch.setattr(bench_max_n.time, "monotonic", lambda: clock[0])
+    fake, calls = _fake_run_case()
+
+    def slow_probe(case, out, **kw):
+        clock[0] += (case.n / 32) ** 2
+        return fake(case, out, **kw)
+
+    monkeypatch.setattr(bench_max_n, "run_case", slow_probe)
     summary = bench_max_n.largest_n(s, "t", "clip", "chunked", 8, "float32", 32, 1 << 20, time_cap_s=30,
                                     call_cap_s=1000)
-    assert calls == [32, 64] and summary["N"] == 64 and "time cap" in summary["note"]
+    assert calls == [32, 64, 128] and summary["N"] == 128 and "N=256 would take ~64 s" in summary["note"]
 
     fake, calls = _fake_run_case(oom_from=1)
     monkeypatch.setattr(bench_max_n, "run_case", fake)
     summary = bench_max_n.largest_n(s, "t", "clip", "reference", 8, "float32", 32, 1 << 20)
     assert summary["N"] is None and summary["status"] == "oom"
-    kinds = [json.loads(line)["kind"] for line in (tmp_path / "r.jsonl").read_text().splitlines()]
-    assert kinds.count("max_n") == 4
+    # one summary per search survives (the last search of a provider wins, whatever N it reached)
+    summaries = [r for r in R.latest(R.load([tmp_path / "r.jsonl"])) if r["kind"] == "max_n"]
+    assert sorted((r["provider"], r["N"]) for r in summaries) == [("chunked", 128), ("reference", None)]
+
+
+def test_largest_n_killed_mid_search_keeps_a_summary(tmp_path, monkeypatch):
+    """A stage's time limit kills the process during a probe: the search's summary is already written."""
+    s = Settings(out=tmp_path / "r.jsonl")
+    fake, calls = _fake_run_case()
+
+    def killed_at_128(case, out, **kw):
+        if case.n == 128:
+            raise KeyboardInterrupt  # stands in for the SIGTERM / SIGKILL of `timeout`
+        return fake(case, out, **kw)
+
+    monkeypatch.setattr(bench_max_n, "run_case", killed_at_128)
+    with pytest.raises(KeyboardInterrupt):
+        bench_max_n.largest_n(s, "t", "clip", "chunked", 8, "float32", 32, 1 << 20)
+    [summary] = [r for r in R.latest(R.load([tmp_path / "r.jsonl"])) if r["kind"] == "max_n"]
+    assert summary["N"] == 64 and summary["status"] == "ok" and "probing N=128" in summary["note"]
+
+
+def _sticky_error_run_case(monkeypatch, broken_provider):
+    """run_case whose ``broken_provider`` hits an illegal memory access; GPU records on a CPU machine."""
+    monkeypatch.setattr(M, "_cuda_device", lambda: torch.device("cpu"))
+    fake, calls = _fake_run_case()
+
+    def run_case(case, out, **kw):
+        if case.provider == broken_provider:
+            calls.append(case.n)
+            rec = R.new_record(torch.device("cpu"), provider=case.provider, op=case.op, mode=case.mode, N=case.n,
+                               D=case.d, dtype=case.dtype, kind=case.kind, suite=case.suite)
+            rec.update(status="error", device_kind="gpu",
+                       note="AcceleratorError: CUDA error: an illegal memory access was encountered")
+            R.append(rec, out)
+            return rec
+        return fake(case, out, **kw)
+
+    return run_case, calls
+
+
+def test_a_broken_cuda_context_skips_the_rest_of_a_set(tmp_path, monkeypatch):
+    out = tmp_path / "r.jsonl"
+    run_case, calls = _sticky_error_run_case(monkeypatch, "triton")
+    monkeypatch.setattr(M, "run_case", run_case)
+    cases = [Case(provider=p, op="clip", n=64, d=8, dtype="bfloat16", mode="full", device="cuda")
+             for p in ("chunked", "triton", "cuda", "reference")]
+    recs = M.run_cases(cases, out)
+    assert calls == [64, 64] and [r["status"] for r in recs] == ["ok", "error", "skipped", "skipped"]
+    assert "broke the CUDA context (triton clip N=64)" in recs[2]["note"]
+    assert len(R.load([out])) == 4
+
+    # the largest-N set: the searches after the broken one are recorded as skipped, not run
+    s = Settings(out=out, device="cuda", providers=["triton", "chunked", "reference"], tiny=True)
+    monkeypatch.setattr(bench_max_n, "run_case", run_case)
+    summaries = bench_max_n.gpu_max_n(s, n_max=1 << 12)
+    assert [(r["provider"], r["op"], r["status"]) for r in summaries] == [
+        ("triton", "clip", "error"), ("chunked", "clip", "skipped"), ("reference", "clip", "skipped"),
+        ("triton", "full", "skipped"), ("chunked", "full", "skipped"), ("reference", "full", "skipped")]
+    assert summaries[0]["cuda_context_broken"] and all(r["kind"] == "max_n" for r in summaries)
+
+
+def test_cuda_cache_release_survives_a_broken_context(monkeypatch):
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", broken)
+    M.release_cuda_cache()  # must not raise: the failing case's record is still to be written
 
 
 def test_sweep_filters_and_tiny_shapes():
