@@ -6,7 +6,7 @@
 #   bash scripts/gpu_check.sh --dry-run                    # its CPU-side steps on a CPU machine (CI)
 #
 # Options: --dry-run (or DRY_RUN=1), --budget SECONDS (total, default 480), --skip STAGE (repeatable:
-# build, tests, bench-core, profile, bench-sweep, bench-maxn), -h/--help. Environment: OUT (output folder;
+# build, tests, bench-core, bench-sweep, profile, bench-maxn), -h/--help. Environment: OUT (output folder;
 # default ./out/gpu_check), PYTHON (default: python, else python3), LSR_BENCH_COMMIT (the commit
 # to record when the tree has no .git), per-stage caps in seconds: BUILD_TIMEOUT (210),
 # TESTS_TIMEOUT (150), CORE_TIMEOUT (120), PROFILE_TIMEOUT (60), SWEEP_TIMEOUT (75), MAXN_TIMEOUT (100),
@@ -16,8 +16,10 @@
 # The GPU machine has no network: nothing is downloaded. Inf-CL (a baseline) is installed from the
 # wheel in benchmarks/wheels/ with --no-deps --no-index, and open_clip's loss.py is read from its
 # wheel there when the package does not import (see benchmarks/NOTES.md); without them the provider
-# is recorded as unavailable. Fetch both on the development machine first:
+# is recorded as unavailable. Fetch both on the development machine first, and carry the folder (it is
+# git-ignored) to the GPU machine, whose copy has no .git either: pass the commit to record.
 #   pip download --no-deps -d benchmarks/wheels inf-cl==1.2.1 open_clip_torch==3.3.0
+#   device tool: command "LSR_BENCH_COMMIT=<sha> OUT=$OUT bash scripts/gpu_check.sh", carry ["benchmarks/wheels"]
 # Every stage runs under `timeout` and a global deadline; a failed stage does not stop the next. At most 8 files land in $OUT (the device tool returns no more):
 #   summary.txt  env_build.log  tests.log  bench.log  gpu.jsonl  README_table.md  plots.tar.gz  profile.txt
 # (profile.txt: each fused kernel's time in units of one cuBLAS N x N x D product, CLIP and full at
@@ -27,7 +29,7 @@
 #     && python -m benchmarks choose-auto --update-readme      # auto's GPU choice from those timings
 set -uo pipefail
 
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set /{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; }  # the header above
 
 DRY_RUN=${DRY_RUN:-0}
 BUDGET=480
@@ -46,8 +48,8 @@ while [ $# -gt 0 ]; do
 done
 case "$BUDGET" in ''|*[!0-9]*) echo "gpu_check.sh: --budget expects whole seconds, got '$BUDGET'" >&2; exit 2 ;; esac
 for stage in $SKIP; do
-    case "$stage" in build|tests|bench-core|profile|bench-sweep|bench-maxn) ;;
-        *) echo "gpu_check.sh: --skip: unknown stage '$stage' (build, tests, bench-core, profile, bench-sweep, bench-maxn)" >&2; exit 2 ;;
+    case "$stage" in build|tests|bench-core|bench-sweep|profile|bench-maxn) ;;
+        *) echo "gpu_check.sh: --skip: unknown stage '$stage' (build, tests, bench-core, bench-sweep, profile, bench-maxn)" >&2; exit 2 ;;
     esac
 done
 
@@ -264,10 +266,12 @@ fi
 finish_warmup
 run_stage bench-core "${CORE_TIMEOUT:-120}" "$BENCH_LOG" \
     "$PYTHON" -m benchmarks gpu-core ${DEVICE_ARGS[@]+"${DEVICE_ARGS[@]}"} ${CORE_PROVIDERS[@]+"${CORE_PROVIDERS[@]}"} --out "$RESULTS"
-run_stage profile "${PROFILE_TIMEOUT:-60}" "$PROFILE" \
-    "$PYTHON" -m benchmarks profile ${PROFILE_ARGS[@]+"${PROFILE_ARGS[@]}"}
+# The sweep (Inf-CL and the others at every N, which the Triton issue asks for) before the profile
+# (a diagnostic for us): the stages' caps add up to more than the budget, so the last ones may get none.
 run_stage bench-sweep "${SWEEP_TIMEOUT:-75}" "$BENCH_LOG" \
     "$PYTHON" -m benchmarks gpu-sweep --short ${DEVICE_ARGS[@]+"${DEVICE_ARGS[@]}"} ${SMALL_PROVIDERS[@]+"${SMALL_PROVIDERS[@]}"} --out "$RESULTS"
+run_stage profile "${PROFILE_TIMEOUT:-60}" "$PROFILE" \
+    "$PYTHON" -m benchmarks profile ${PROFILE_ARGS[@]+"${PROFILE_ARGS[@]}"}
 run_stage bench-maxn "${MAXN_TIMEOUT:-100}" "$BENCH_LOG" \
     "$PYTHON" -m benchmarks gpu-maxn ${DEVICE_ARGS[@]+"${DEVICE_ARGS[@]}"} ${SMALL_PROVIDERS[@]+"${SMALL_PROVIDERS[@]}"} ${MAXN_ARGS[@]+"${MAXN_ARGS[@]}"} --out "$RESULTS"
 
