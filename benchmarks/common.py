@@ -98,7 +98,8 @@ def add_settings_args(parser: argparse.ArgumentParser, default_device: Optional[
                    help="comma-separated subset of forward,backward,full")
     g.add_argument("--ops", type=lambda s: [o for o in s.split(",") if o],
                    help=f"comma-separated subset of {','.join(O.OPS)}")
-    g.add_argument("--reps", type=int, default=3, help="CPU: least number of timed calls (default 3)")
+    g.add_argument("--reps", type=int, default=3,
+                   help="least number of timed calls: CPU, and GPU calls too slow for do_bench (default 3)")
     g.add_argument("--min-time", type=float, default=1.0, help="CPU: least timed seconds per case (default 1)")
     g.add_argument("--rep-ms", type=float, default=100.0, help="GPU: do_bench's rep in ms (default 100)")
     g.add_argument("--warmup-ms", type=float, default=25.0, help="GPU: do_bench's warmup in ms (default 25)")

@@ -37,9 +37,10 @@ from . import ops as O
 from . import providers as P
 from . import records as R
 
-#: A GPU call slower than this is timed with a plain event loop instead of do_bench (which adds 5
-#: estimation calls and its own warm-up).
-SLOW_CALL_MS = 1000.0
+#: do_bench repeats a call ``rep_ms / estimate`` times after 5 estimation calls and a warm-up: a call
+#: slower than ``rep_ms / SLOW_CALL_REPS`` would get fewer than that many timed repetitions for about
+#: 7 extra calls (a 0.9 s call: ~9 s for one sample), so it is timed with an event loop of ``reps``.
+SLOW_CALL_REPS = 3
 #: Leave this much of the machine's available memory to everybody else (CPU subprocess limit).
 CPU_MEMORY_RESERVE_BYTES = 3 << 30
 
@@ -243,7 +244,7 @@ def _time_cuda_ms(fn: Callable[[], object], case: Case, first_call_ms: float) ->
     """Per-call times in ms from CUDA events."""
     if case.kind == "probe":
         return [first_call_ms]
-    if first_call_ms <= SLOW_CALL_MS:
+    if first_call_ms * SLOW_CALL_REPS <= case.rep_ms:
         import triton.testing  # lazily: the CPU paths never import triton
 
         try:  # every per-call time (return_mode="all", Triton >= 3.0), so reps is known
@@ -254,7 +255,7 @@ def _time_cuda_ms(fn: Callable[[], object], case: Case, first_call_ms: float) ->
             times = [p20, median, p80]  # _quantiles gives these three back unchanged
         return [float(t) for t in times]
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(max(1, case.reps))]
+              for _ in range(max(SLOW_CALL_REPS, case.reps))]
     for start, end in events:
         start.record()
         fn()

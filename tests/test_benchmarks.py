@@ -624,3 +624,27 @@ def test_profile_runs_on_cpu(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "benchmarks", "profile", "--ops", "clap"],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert bad.returncode == 2 and "'clap' is not one of" in bad.stderr
+
+
+def test_gpu_timing_gives_slow_calls_an_event_loop(monkeypatch):
+    """do_bench would time a call slower than rep/3 fewer than 3 times (after 5 estimation calls):
+    such calls get an event loop of at least 3 instead."""
+    import triton.testing
+
+    class FakeEvent:
+        def __init__(self, enable_timing):
+            pass
+
+        def record(self):
+            pass
+
+        def elapsed_time(self, end):
+            return 50.0
+
+    calls = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: [10.0] * 10)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    case = Case(provider="triton", op="clip", n=64, d=8, dtype="bfloat16", mode="full", device="cuda", reps=1)
+    assert M._time_cuda_ms(lambda: calls.append(1), case, first_call_ms=10.0) == [10.0] * 10 and not calls
+    assert M._time_cuda_ms(lambda: calls.append(1), case, first_call_ms=50.0) == [50.0] * 3 and len(calls) == 3
