@@ -193,14 +193,18 @@ def test_cpu_subprocess_out_of_memory_is_recorded(tmp_path):
 
 
 # --------------------------------------------------------------------------- largest N
-def _fake_run_case(oom_from=None, ms_at=lambda n: 1.0):
+def _fake_run_case(oom_from=None, ms_at=lambda n: 1.0, broken_provider=None):
+    """run_case without measuring; ``broken_provider``'s cases hit an illegal memory access (a GPU record)."""
     calls = []
 
     def run_case(case, out, **kw):
         calls.append(case.n)
         rec = R.new_record(torch.device("cpu"), provider=case.provider, op=case.op, mode=case.mode, N=case.n,
                            D=case.d, dtype=case.dtype, kind=case.kind, suite=case.suite)
-        if oom_from is not None and case.n >= oom_from:
+        if case.provider == broken_provider:
+            rec.update(status="error", device_kind="gpu",
+                       note="AcceleratorError: CUDA error: an illegal memory access was encountered")
+        elif oom_from is not None and case.n >= oom_from:
             rec.update(status="oom", note="out of memory")
         else:
             rec.update(status="ok", ms_median=ms_at(case.n), ms_p20=ms_at(case.n), ms_p80=ms_at(case.n), reps=1,
@@ -265,28 +269,10 @@ def test_largest_n_killed_mid_search_keeps_a_summary(tmp_path, monkeypatch):
     assert summary["N"] == 64 and summary["status"] == "ok" and "probing N=128" in summary["note"]
 
 
-def _sticky_error_run_case(monkeypatch, broken_provider):
-    """run_case whose ``broken_provider`` hits an illegal memory access; GPU records on a CPU machine."""
-    monkeypatch.setattr(M, "_cuda_device", lambda: torch.device("cpu"))
-    fake, calls = _fake_run_case()
-
-    def run_case(case, out, **kw):
-        if case.provider == broken_provider:
-            calls.append(case.n)
-            rec = R.new_record(torch.device("cpu"), provider=case.provider, op=case.op, mode=case.mode, N=case.n,
-                               D=case.d, dtype=case.dtype, kind=case.kind, suite=case.suite)
-            rec.update(status="error", device_kind="gpu",
-                       note="AcceleratorError: CUDA error: an illegal memory access was encountered")
-            R.append(rec, out)
-            return rec
-        return fake(case, out, **kw)
-
-    return run_case, calls
-
-
 def test_a_broken_cuda_context_skips_the_rest_of_a_set(tmp_path, monkeypatch):
     out = tmp_path / "r.jsonl"
-    run_case, calls = _sticky_error_run_case(monkeypatch, "triton")
+    monkeypatch.setattr(M, "_cuda_device", lambda: torch.device("cpu"))  # GPU records on a CPU machine
+    run_case, calls = _fake_run_case(broken_provider="triton")
     monkeypatch.setattr(M, "run_case", run_case)
     cases = [Case(provider=p, op="clip", n=64, d=8, dtype="bfloat16", mode="full", device="cuda")
              for p in ("chunked", "triton", "cuda", "reference")]

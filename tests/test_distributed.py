@@ -23,7 +23,6 @@ import gc
 import importlib.util
 import os
 import re
-import sys
 import tempfile
 import time
 
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 
 import lsr_kernels
 from lsr_kernels import ClipLoss, FeatureQueue, ITCLoss, LSRLoss, distributed as D, reference as R
+from lsr_kernels.train import exit_worker
 from helpers import FEATURE_NAMES, backend_available, rel_err, unit_rows
 
 JOB_TIMEOUT_S = 170
@@ -67,11 +67,9 @@ def _worker(rank, world_size, init_file, pg_backend, job, args):
     finally:
         dist.destroy_process_group()
     # torch keeps the destroyed group referenced, so the interpreter's teardown would free it, and that
-    # can abort a finished worker the same way (lsr_kernels.train.exit_worker). A failed job raises
-    # above instead and reaches the parent through torch.multiprocessing's error queue.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # can abort a finished worker the same way. A failed job raises above instead and reaches the
+    # parent through torch.multiprocessing's error queue.
+    exit_worker(0)
 
 
 def _run(job, world_size, *args, pg_backend="gloo", timeout=JOB_TIMEOUT_S):
