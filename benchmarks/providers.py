@@ -194,9 +194,17 @@ class Provider:
             if self.name == "cuda":
                 import lsr_kernels
 
+                if not lsr_kernels.HAS_CUDA_EXT and os.environ.get("LSR_BENCH_CUDA_JIT") == "1":
+                    # scripts/gpu_check.sh's build stage fell back to load_jit(): its cached build loads here
+                    from lsr_kernels.backends import cuda as cuda_backend
+
+                    try:
+                        cuda_backend.load_jit()
+                    except Exception as exc:
+                        return f"LSR_BENCH_CUDA_JIT=1 but load_jit() failed: {type(exc).__name__}: {exc}"
                 if not lsr_kernels.HAS_CUDA_EXT:
                     return ("CUDA extension not built (LSR_BUILD_CUDA=1 pip install --no-build-isolation -e ., "
-                            "or lsr_kernels.backends.cuda.load_jit())")
+                            "or lsr_kernels.backends.cuda.load_jit(), or LSR_BENCH_CUDA_JIT=1 to load_jit() here)")
             return None
         if self.name == "open_clip":
             try:

@@ -72,6 +72,29 @@ def test_availability_on_cpu_names_the_reason():
     assert [P.inf_cl_head_dim(d) for d in (512, 768, 96, 24)] == [256, 256, 32, None]
 
 
+def test_cuda_provider_loads_a_jit_build_when_asked(monkeypatch):
+    # scripts/gpu_check.sh sets LSR_BENCH_CUDA_JIT=1 when its build stage fell back to load_jit()
+    from lsr_kernels.backends import cuda as cuda_backend
+
+    if cuda_backend.HAS_CUDA_EXT:
+        pytest.skip("the CUDA extension is loaded here")
+    loads = []
+
+    def fake_load_jit():
+        loads.append(1)
+        monkeypatch.setattr(cuda_backend, "HAS_CUDA_EXT", True)
+
+    def failing_load_jit():
+        raise RuntimeError("nvcc not found")
+
+    assert "not built" in P.get("cuda").unavailable_reason("clip", "cuda")
+    monkeypatch.setenv("LSR_BENCH_CUDA_JIT", "1")
+    monkeypatch.setattr(cuda_backend, "load_jit", failing_load_jit)
+    assert "load_jit() failed: RuntimeError: nvcc not found" in P.get("cuda").unavailable_reason("clip", "cuda")
+    monkeypatch.setattr(cuda_backend, "load_jit", fake_load_jit)
+    assert P.get("cuda").unavailable_reason("clip", "cuda") is None and loads == [1]
+
+
 def _cpu_providers(op):
     names = ["reference", "open_clip", "chunked"]
     return [n for n in names if P.get(n).unavailable_reason(op, "cpu") is None]
