@@ -59,7 +59,8 @@ def _lsr_api(backend: str, op: str, x: O.Inputs) -> LossFn:
     if op == "clip":
         return lambda: lsr_kernels.clip_loss(v, t, s, backend=backend)
     if op == "clip_gc":
-        return lambda: lsr_kernels.lsr_loss(v, t, s, gc_weight=O.GC_WEIGHT, backend=backend)["loss"]
+        return lambda: lsr_kernels.lsr_loss(v, t, s, sep_weight=0.0, bridge_weight=0.0, gc_weight=O.GC_WEIGHT,
+                                            backend=backend)["loss"]
     if op == "full":
         rest = {k: f[k] for k in f if k not in ("image_features", "text_features")}
         return lambda: lsr_kernels.lsr_loss(v, t, s, **rest, **O.FULL_WEIGHTS, backend=backend)["loss"]

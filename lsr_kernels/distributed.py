@@ -784,9 +784,9 @@ def lsr_loss(
     text_ind: Optional[Tensor] = None,
     image_ind_aug: Optional[Tensor] = None,
     text_ind_aug: Optional[Tensor] = None,
-    sep_weight: float = 0.0,
-    bridge_weight: float = 0.0,
-    gc_weight: float = 0.0,
+    sep_weight: float = 1.0,
+    bridge_weight: float = 1.0,
+    gc_weight: float = 0.25,
     bridge_t: float = 0.25,
     uniformity_t: float = 2.0,
     backend: str = "auto",
@@ -818,7 +818,8 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, bac
               world_size: Optional[int] = None, rank: Optional[int] = None) -> Tensor:
     """open_clip's distributed ``ClipLoss`` for the four flag combinations (module docstring), without
     ever materialising the global logits."""
-    return _lsr(image_features, text_features, logit_scale, backend=backend, group=group, local_loss=local_loss,
+    return _lsr(image_features, text_features, logit_scale, sep_weight=0.0, bridge_weight=0.0, gc_weight=0.0,
+                backend=backend, group=group, local_loss=local_loss,
                 gather_with_grad=gather_with_grad, mode=mode, world_size=world_size, rank=rank,
                 call="clip")["loss"]
 
@@ -828,7 +829,7 @@ _FEATURE_NAMES = ("image_features", "text_features", "image_aug", "text_aug",
 
 
 def _lsr(image_features, text_features, logit_scale, *, image_aug=None, text_aug=None, image_ind=None,
-         text_ind=None, image_ind_aug=None, text_ind_aug=None, sep_weight=0.0, bridge_weight=0.0, gc_weight=0.0,
+         text_ind=None, image_ind_aug=None, text_ind_aug=None, sep_weight, bridge_weight, gc_weight,
          bridge_t=0.25, uniformity_t=2.0, backend="auto", group=None, local_loss=True, gather_with_grad=True,
          mode="gather", world_size=None, rank=None, call="lsr") -> Dict[str, Tensor]:
     features = dict(zip(_FEATURE_NAMES, (image_features, text_features, image_aug, text_aug, image_ind,

@@ -28,9 +28,9 @@ def lsr_loss(
     text_ind: Optional[Tensor] = None,
     image_ind_aug: Optional[Tensor] = None,
     text_ind_aug: Optional[Tensor] = None,
-    sep_weight: float = 0.0,
-    bridge_weight: float = 0.0,
-    gc_weight: float = 0.0,
+    sep_weight: float = 1.0,
+    bridge_weight: float = 1.0,
+    gc_weight: float = 0.25,
     bridge_t: float = 0.25,
     uniformity_t: float = 2.0,
     backend: str = "auto",
@@ -48,8 +48,9 @@ def lsr_loss(
             ``image_aug``.
         image_ind, text_ind, image_ind_aug, text_ind_aug: the independent heads' features ``Vi``,
             ``Ti``, ``Via``, ``Tia`` (separation only).
-        sep_weight, bridge_weight, gc_weight: a weight of 0 (the default: plain CLIP) switches the term
-            off and makes its inputs optional. The paper's values are ``1``, ``1`` and ``0.25``.
+        sep_weight, bridge_weight, gc_weight: default to the paper's ``1``, ``1`` and ``0.25`` (SPEC 2.5),
+            so by default separation needs the four independent-head inputs and the bridge needs
+            ``image_aug``; a weight of 0 switches its term off and makes its inputs optional.
         bridge_t: the bridge position ``t`` in (0, 1) (paper: 0.25).
         uniformity_t: the uniformity temperature ``t_u`` in (0, 1e4] (paper: 2; past 1e4 fp32 rounding
             of the Gram diagonal would decide the loss).
@@ -89,7 +90,8 @@ def lsr_loss(
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, backend: str = "auto") -> Tensor:
     """CLIP's symmetric InfoNCE (SPEC 2.1 without views), equal to open_clip's ``ClipLoss``:
     ``(CE(s V T^T) + CE(s T V^T)) / 2``."""
-    return lsr_loss(image_features, text_features, logit_scale, backend=backend)["loss"]
+    return lsr_loss(image_features, text_features, logit_scale, sep_weight=0.0, bridge_weight=0.0, gc_weight=0.0,
+                    backend=backend)["loss"]
 
 
 def itc_loss(

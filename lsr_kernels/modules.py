@@ -90,8 +90,8 @@ class ClipLoss(_DistributedArgs):
 class LSRLoss(_DistributedArgs):
     """The full objective of SPEC 2.5 (see :func:`lsr_kernels.lsr_loss` for every argument).
 
-    Weights default to 0 (plain CLIP); the paper uses ``sep_weight=1``, ``bridge_weight=1``,
-    ``gc_weight=0.25``.
+    The weights default to the paper's (SPEC 2.5): ``sep_weight=1``, ``bridge_weight=1``,
+    ``gc_weight=0.25``; a weight of 0 switches its term off and makes its inputs optional.
 
     Distributed (``world_size > 1``): pass ``local_loss=True, gather_with_grad=True`` for SPEC 5 (the
     mean over ranks of the returned values is the single-process loss and DDP's averaged gradients
@@ -100,7 +100,7 @@ class LSRLoss(_DistributedArgs):
     default flags behave so). ``local_loss=True, gather_with_grad=False`` is rejected.
     """
 
-    def __init__(self, sep_weight: float = 0.0, bridge_weight: float = 0.0, gc_weight: float = 0.0,
+    def __init__(self, sep_weight: float = 1.0, bridge_weight: float = 1.0, gc_weight: float = 0.25,
                  bridge_t: float = 0.25, uniformity_t: float = 2.0, backend: str = "auto",
                  local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
                  rank: int = 0, world_size: int = 1, use_horovod: bool = False, distributed_mode: str = "gather",

@@ -10,6 +10,13 @@ import torch.nn.functional as F
 
 FEATURE_NAMES = ("image_features", "text_features", "image_aug", "text_aug",
                  "image_ind", "text_ind", "image_ind_aug", "text_ind_aug")
+#: The paper's weights, lsr_loss's and LSRLoss's defaults (SPEC 2.5), spelled out where a test means them.
+ALL_ON = dict(sep_weight=1.0, bridge_weight=1.0, gc_weight=0.25)
+
+
+def weights_only(**on):
+    """The weight arguments with every regulariser off but those given: ``weights_only()`` is plain CLIP."""
+    return {**dict(sep_weight=0.0, bridge_weight=0.0, gc_weight=0.0), **on}
 
 
 def unit_rows(n, d, dtype=torch.float32, device="cpu", requires_grad=True):

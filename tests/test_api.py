@@ -7,11 +7,10 @@ import torch
 
 import lsr_kernels
 from lsr_kernels import FeatureQueue, ITCLoss, LSRLoss, backends, reference as R
-from helpers import backend_available, lsr_inputs, rel_err, unit_rows
+from helpers import ALL_ON, backend_available, lsr_inputs, rel_err, unit_rows, weights_only
 
 open_clip_loss = pytest.importorskip("open_clip.loss")
 
-ALL_ON = dict(sep_weight=1.0, bridge_weight=1.0, gc_weight=0.25)
 
 
 def _call(feats, s, **kw):
@@ -22,7 +21,7 @@ def _call(feats, s, **kw):
 
 def test_lsr_loss_keys_and_weighted_total():
     feats, s = lsr_inputs(9, 5)
-    plain = _call(feats, s, backend="reference")
+    plain = _call(feats, s, backend="reference", **weights_only())
     assert set(plain) == {"loss", "contrastive_loss"}
     out = _call(feats, s, backend="reference", sep_weight=0.5, bridge_weight=2.0, gc_weight=0.25)
     assert set(out) == {"loss", "contrastive_loss", "separation_loss", "bridge_loss", "geometric_loss"}
@@ -32,13 +31,27 @@ def test_lsr_loss_keys_and_weighted_total():
     assert out["loss"].dtype == torch.float32 and out["loss"].dim() == 0
 
 
+def test_default_weights_are_the_papers():
+    feats, s = lsr_inputs(5, 4)
+    default = _call(feats, s, backend="reference")
+    assert set(default) == {"loss", "contrastive_loss", "separation_loss", "bridge_loss", "geometric_loss"}
+    assert rel_err(default["loss"], _call(feats, s, backend="reference", **ALL_ON)["loss"]) < 1e-7
+    module = LSRLoss()
+    assert (module.sep_weight, module.bridge_weight, module.gc_weight) == (1.0, 1.0, 0.25)
+    # what the default terms need is asked for by name, not silently dropped
+    with pytest.raises(ValueError, match="separation .* image_ind, text_ind, image_ind_aug, text_ind_aug are missing"):
+        lsr_kernels.lsr_loss(feats["image_features"], feats["text_features"], s)
+    with pytest.raises(ValueError, match="the bridge .* image_aug is missing"):
+        lsr_kernels.lsr_loss(feats["image_features"], feats["text_features"], s, sep_weight=0.0)
+
+
 def test_weights_switch_terms_and_inputs_become_optional():
     v, t = unit_rows(6, 4), unit_rows(6, 4)
     s = torch.tensor(5.0)
-    out = lsr_kernels.lsr_loss(v, t, s, gc_weight=1.0, backend="reference")
+    out = lsr_kernels.lsr_loss(v, t, s, **weights_only(gc_weight=1.0), backend="reference")
     assert set(out) == {"loss", "contrastive_loss", "geometric_loss"}
     va = unit_rows(6, 4)
-    out = lsr_kernels.lsr_loss(v, t, s, image_aug=va, bridge_weight=1.0, backend="reference")
+    out = lsr_kernels.lsr_loss(v, t, s, image_aug=va, **weights_only(bridge_weight=1.0), backend="reference")
     assert set(out) == {"loss", "contrastive_loss", "bridge_loss"}
     # image_aug alone (bridge only) leaves the contrastive term in its two-view form
     assert rel_err(out["contrastive_loss"], R.contrastive_loss(v, t, s)) < 1e-7
@@ -78,8 +91,9 @@ def test_non_contiguous_inputs():
     v = unit_rows(8, 12).detach()[:, ::2]
     t = unit_rows(12, 8).detach().T
     s = torch.tensor(3.0)
-    a = lsr_kernels.lsr_loss(v, t[:, :6], s, gc_weight=1.0, backend="reference")
-    b = lsr_kernels.lsr_loss(v.contiguous(), t[:, :6].contiguous(), s, gc_weight=1.0, backend="reference")
+    a = lsr_kernels.lsr_loss(v, t[:, :6], s, **weights_only(gc_weight=1.0), backend="reference")
+    b = lsr_kernels.lsr_loss(v.contiguous(), t[:, :6].contiguous(), s, **weights_only(gc_weight=1.0),
+                             backend="reference")
     assert rel_err(a["loss"], b["loss"]) < 1e-7
 
 
@@ -399,7 +413,7 @@ def test_calls_resolve_auto_by_their_op_dtype_and_shape(monkeypatch, kwargs, op)
     args = {k: v for k, v in feats.items() if k in ("image_features", "text_features")}
     if kwargs.pop("image_aug", False):
         args.update(image_aug=feats["image_aug"], text_aug=feats["text_aug"])
-    lsr_kernels.lsr_loss(args.pop("image_features"), args.pop("text_features"), s, **args, **kwargs)
+    lsr_kernels.lsr_loss(args.pop("image_features"), args.pop("text_features"), s, **args, **weights_only(**kwargs))
     assert seen == [(op, torch.float32, (6, 4, 0))]
     seen.clear()
     v, t = feats["image_features"], feats["text_features"]

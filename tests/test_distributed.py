@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import lsr_kernels
 from lsr_kernels import ClipLoss, FeatureQueue, ITCLoss, LSRLoss, distributed as D, reference as R
 from lsr_kernels.train import exit_worker
-from helpers import FEATURE_NAMES, backend_available, rel_err, unit_rows
+from helpers import ALL_ON, FEATURE_NAMES, backend_available, rel_err, unit_rows, weights_only
 
 JOB_TIMEOUT_S = 170
 GPU_JOB_TIMEOUT_S = 90  # the GPU jobs run inside scripts/gpu_check.sh's 150 s test stage
@@ -44,7 +44,6 @@ GPU_JOB_TIMEOUT_S = 90  # the GPU jobs run inside scripts/gpu_check.sh's 150 s t
 NCCL_JOB_TIMEOUT_S = 240
 COLLECTIVE_TIMEOUT_S = 45
 FLAGS = [(True, True), (False, True), (False, False), (True, False)]  # (local_loss, gather_with_grad)
-ALL_ON = dict(sep_weight=1.0, bridge_weight=1.0, gc_weight=0.25)
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 
 
@@ -249,10 +248,10 @@ def _job_lsr(rank, world, device_name="cpu", backends=("reference", "chunked"), 
               no_grad=("image_aug", "text_aug"))
     # Without views: the two-term contrastive form, the geometric term without L_gca.
     _lsr_case(rank, world, device, backend=fast, mode="ring", local_loss=False, gather_with_grad=False,
-              weights=dict(gc_weight=1.0), names=("image_features", "text_features"))
+              weights=weights_only(gc_weight=1.0), names=("image_features", "text_features"))
     # The bridge alone with image_aug only.
     _lsr_case(rank, world, device, backend="reference", mode="gather", local_loss=True, gather_with_grad=True,
-              weights=dict(bridge_weight=2.0), names=("image_features", "text_features", "image_aug"))
+              weights=weights_only(bridge_weight=2.0), names=("image_features", "text_features", "image_aug"))
     # ClipLoss under SPEC 5 with W ranks in ring mode: the global contrastive loss and gradients.
     _clip_contract(rank, world, device, backend=fast, mode="ring")
     _expect_error("LSRLoss local_loss without gather_with_grad",
@@ -409,13 +408,13 @@ def _job_bad_setups(rank, world):
     feats = {name: unit_rows(3, 4) for name in FEATURE_NAMES}
     if rank == 1:
         feats["image_aug"] = feats["text_aug"] = None
-    lsr = LSRLoss(gc_weight=1.0, local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+    lsr = LSRLoss(**weights_only(gc_weight=1.0), local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
     _expect_error("views on one rank only",
                   lambda: lsr(feats["image_features"], feats["text_features"], torch.tensor(3.0),
                               image_aug=feats["image_aug"], text_aug=feats["text_aug"]),
                   r"image_aug is given on rank\(s\) \[0\] but not on rank\(s\) \[1\]")
     _aligned("after views on one rank")
-    lsr_weights = LSRLoss(gc_weight=0.5 + rank, local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+    lsr_weights = LSRLoss(**weights_only(gc_weight=0.5 + rank), local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
     _expect_error("different weights",
                   lambda: lsr_weights(feats["image_features"], feats["text_features"], torch.tensor(3.0)),
                   r"gc_weight differs across ranks \(rank 0: 0.5, rank 1: 1.5\)")
@@ -506,7 +505,7 @@ def test_bad_setups_raise_on_every_rank_two_processes():
 
 def test_world_size_above_one_without_a_process_group():
     v, t = unit_rows(4, 3), unit_rows(4, 3)
-    for loss_fn in (ClipLoss(world_size=2, rank=0), LSRLoss(world_size=2, rank=1, gather_with_grad=True)):
+    for loss_fn in (ClipLoss(world_size=2, rank=0), LSRLoss(**weights_only(), world_size=2, rank=1, gather_with_grad=True)):
         with pytest.raises(ValueError, match=r"world_size = 2: torch.distributed is not initialised"):
             loss_fn(v, t, torch.tensor(3.0))
     with pytest.raises(ValueError, match=r"torch.distributed is not initialised"):

@@ -16,6 +16,7 @@ from lsr_kernels.data import (CLS_ID, DIGIT_WORDS, EOS_ID, MASK_ID, PAD_ID, UNK_
                               load_csv_pairs, load_digits_pairs, split_pairs)
 from lsr_kernels.models import ALBEF, ALBEFConfig, CLIP, CLIPConfig, build_model
 from lsr_kernels.models.albef import _sample_hard_negatives, mask_tokens
+from helpers import weights_only
 
 VOCAB = 40
 TINY = dict(vocab_size=VOCAB, context_length=10, image_size=8, channels=1, patch_size=4, vision_width=16,
@@ -97,12 +98,12 @@ def test_clip_losses_match_the_reference_terms_and_reach_every_head():
 def test_clip_baseline_needs_no_views_and_leaves_independent_heads_alone():
     torch.manual_seed(0)
     model = CLIP(CLIPConfig(**TINY))
-    out = model.losses(_images(4), _tokens(4), LSRLoss(backend="reference"))
+    out = model.losses(_images(4), _tokens(4), LSRLoss(**weights_only(), backend="reference"))
     assert set(out) == {"loss", "contrastive_loss", "logit_scale"}
     out["loss"].backward()
     assert model.image_ind_proj.linear.weight.grad is None
     with pytest.raises(ValueError, match="images_aug and text_aug"):
-        model.losses(_images(4), _tokens(4), LSRLoss(backend="reference"), images_aug=_images(4))
+        model.losses(_images(4), _tokens(4), LSRLoss(**weights_only(), backend="reference"), images_aug=_images(4))
 
 
 def test_config_errors_name_the_field():
@@ -134,7 +135,7 @@ def test_albef_momentum_update_is_an_ema_taken_before_the_features():
             p.add_(0.1 * torch.randn_like(p))
     online = {n: p.detach().clone() for n, p in model.visual_encoder.named_parameters()}
     before = {n: p.detach().clone() for n, p in model.visual_encoder_m.named_parameters()}
-    model.losses(_images(4), _tokens(4), LSRLoss(backend="reference"))
+    model.losses(_images(4), _tokens(4), LSRLoss(**weights_only(), backend="reference"))
     for name, p_m in model.visual_encoder_m.named_parameters():
         torch.testing.assert_close(p_m, 0.9 * before[name] + 0.1 * online[name])
         assert not p_m.requires_grad
@@ -142,7 +143,7 @@ def test_albef_momentum_update_is_an_ema_taken_before_the_features():
 
 def test_albef_queue_holds_the_momentum_features_across_the_wrap_around():
     model = _albef(queue_size=20)
-    loss_fn = LSRLoss(backend="reference")
+    loss_fn = LSRLoss(**weights_only(), backend="reference")
     batches = [(_images(8, seed=s), _tokens(8, seed=s)) for s in range(3)]
     for images, text in batches:
         model.losses(images, text, loss_fn)
@@ -161,7 +162,7 @@ def test_albef_itc_term_equals_reference_with_queue_longer_than_batch():
     model = _albef(queue_size=20, alpha=0.4)
     images, text = _images(6), _tokens(6)
     queue_v, queue_t = model.image_queue.features.clone(), model.text_queue.features.clone()
-    out = model.losses(images, text, LSRLoss(backend="reference"), alpha=0.4)
+    out = model.losses(images, text, LSRLoss(**weights_only(), backend="reference"), alpha=0.4)
     with torch.no_grad():
         v, t = model.encode_image(images), model.encode_text(text)
         vm = model.vision_proj_m(model.visual_encoder_m(images)[:, 0])
@@ -194,11 +195,11 @@ def test_albef_temperature_is_clamped_and_batch_of_one_refused():
     model = _albef()
     with torch.no_grad():
         model.temp.fill_(3.0)
-    out = model.losses(_images(3), _tokens(3), LSRLoss(backend="reference"))
+    out = model.losses(_images(3), _tokens(3), LSRLoss(**weights_only(), backend="reference"))
     assert model.temp.item() == pytest.approx(0.5)
     assert out["logit_scale"].item() == pytest.approx(2.0)
     with pytest.raises(ValueError, match="at least 2 pairs"):
-        model.losses(_images(1), _tokens(1), LSRLoss(backend="reference"))
+        model.losses(_images(1), _tokens(1), LSRLoss(**weights_only(), backend="reference"))
 
 
 def test_hard_negatives_follow_softmax_and_skip_positives():

@@ -12,9 +12,8 @@ import torch
 
 import lsr_kernels
 from lsr_kernels import backends, reference as R
-from helpers import FEATURE_NAMES, backend_available, grads, lsr_inputs, rel_err, require_cuda_extension, unit_rows
+from helpers import ALL_ON, FEATURE_NAMES, backend_available, grads, lsr_inputs, rel_err, require_cuda_extension, unit_rows, weights_only
 
-ALL_ON = dict(sep_weight=1.0, bridge_weight=1.0, gc_weight=0.25)
 LOW_PRECISION_FACTOR = 3.0  # flash-attention uses 2; a fused kernel rounds at different places
 
 CASES = [
@@ -77,7 +76,8 @@ def test_full_objective_matches_reference(case, shape_index):
         assert rel_err(g, h) < 1e-4, tname
 
 
-@pytest.mark.parametrize("weights", [dict(), dict(sep_weight=1.0), dict(bridge_weight=1.0), dict(gc_weight=0.25)])
+@pytest.mark.parametrize("weights", [weights_only(), weights_only(sep_weight=1.0), weights_only(bridge_weight=1.0),
+                                     weights_only(gc_weight=0.25)])
 def test_each_term_alone_matches_reference(case, weights):
     name, device, interpreted = case
     n, d = (9, 5) if interpreted else (37, 24)
