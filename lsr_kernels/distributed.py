@@ -460,8 +460,21 @@ class _RowTerms(torch.autograd.Function):
     rows' part: ``dx_j = -4 t g (x_j sum_k K_jk - sum_k K_jk X_k)`` and no column gradient travels.
     """
 
+    # An enclosing autocast would round the forward's products but not the backward's (autograd does
+    # not carry it into backward), and the backward's softmax from the forward's LSE would not sum to
+    # one: both run in the features' own dtype, as the fused backends do.
     @staticmethod
     def forward(ctx, scale: Tensor, spec: _RowTermSpec, *tensors: Tensor) -> Tensor:
+        with torch.autocast(tensors[0].device.type, enabled=False):
+            return _RowTerms._forward(ctx, scale, spec, *tensors)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _RowTerms._backward(ctx, grad_out)
+
+    @staticmethod
+    def _forward(ctx, scale: Tensor, spec: _RowTermSpec, *tensors: Tensor) -> Tensor:
         first = tensors[0]
         n, d = first.shape
         acc = _acc_dtype(first.dtype)
@@ -522,7 +535,7 @@ class _RowTerms(torch.autograd.Function):
         return torch.stack(out)
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
+    def _backward(ctx, grad_out: Tensor):
         V.refuse_double_backward("distributed", "row terms", _HIGHER_ORDER)
         scale, *tensors = ctx.saved_tensors
         spec, lse, gathered = ctx.spec, ctx.lse, ctx.gathered
