@@ -134,6 +134,22 @@ def check_scale(logit_scale, like: Tensor) -> Tensor:
     return logit_scale
 
 
+def check_logit_bias(logit_bias, like: Tensor) -> None:
+    """open_clip's ``ClipLoss`` takes a ``logit_bias`` it adds to every logit; only a scalar cancels
+    in each softmax, so only a scalar (or ``None``) may reach a loss that does not compute it."""
+    if logit_bias is None or (isinstance(logit_bias, numbers.Real) and not isinstance(logit_bias, bool)):
+        return
+    if not isinstance(logit_bias, Tensor):
+        raise TypeError(f"logit_bias: expected None, a number or a scalar tensor, got {type(logit_bias).__name__}")
+    check_tensor("logit_bias", logit_bias)
+    if logit_bias.numel() != 1:
+        raise ValueError(f"logit_bias: expected a scalar (one element): a bias that differs between logits "
+                         f"changes the contrastive loss, which this loss does not model; got shape "
+                         f"{tuple(logit_bias.shape)} for features of shape {tuple(like.shape)}")
+    if logit_bias.device != like.device:
+        raise ValueError(f"logit_bias: device {logit_bias.device} differs from the features' {like.device}")
+
+
 def check_open_interval(name: str, value: float, low: float, high: float) -> float:
     value = as_number(name, value)
     if not (low < value < high):

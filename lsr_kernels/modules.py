@@ -79,11 +79,16 @@ class ClipLoss(_DistributedArgs):
                 logit_bias: Optional[Tensor] = None, output_dict: bool = False):
         # A scalar bias added to every logit cancels in each softmax: open_clip's loss does not
         # depend on it, and neither does this one.
+        V.check_logit_bias(logit_bias, image_features)
         if self.world_size > 1:
             loss = distributed.clip_loss(image_features, text_features, logit_scale, mode=self.distributed_mode,
                                          **self._distributed_kwargs())
         else:
             loss = functional.clip_loss(image_features, text_features, logit_scale, backend=self.backend)
+        if isinstance(logit_bias, Tensor) and logit_bias.requires_grad:
+            # In the graph with a zero gradient, as in open_clip: DDP without find_unused_parameters
+            # fails on a parameter that receives no gradient.
+            loss = loss + (logit_bias.reshape(()) * 0).to(loss.dtype)
         return {"contrastive_loss": loss} if output_dict else loss
 
 

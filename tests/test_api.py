@@ -67,6 +67,25 @@ def test_clip_loss_and_module_match_open_clip_dropin():
         assert rel_err(loss, theirs) < 1e-6
 
 
+def test_clip_module_logit_bias_as_open_clip():
+    v, t = unit_rows(8, 4), unit_rows(8, 4)
+    s = torch.tensor(10.0)
+    bias = torch.tensor(-10.0, requires_grad=True)
+    ours = lsr_kernels.ClipLoss(backend="reference")(v, t, s, bias)
+    bias_theirs = bias.detach().clone().requires_grad_()
+    theirs = open_clip_loss.ClipLoss()(v, t, s, bias_theirs)
+    assert rel_err(ours, theirs) < 1e-6 and ours.dtype == torch.float32
+    # in the graph with a zero gradient (DDP needs every parameter to get one), as in open_clip
+    (g,) = torch.autograd.grad(ours, [bias])
+    assert g is not None and torch.count_nonzero(g) == 0
+    assert rel_err(lsr_kernels.ClipLoss(backend="reference")(v, t, s, 0.5), theirs) < 1e-6
+    # a per-column bias changes open_clip's loss: refused, not silently dropped
+    with pytest.raises(ValueError, match=r"logit_bias: expected a scalar .* got shape \(8,\)"):
+        lsr_kernels.ClipLoss()(v, t, s, torch.linspace(-2, 2, 8))
+    with pytest.raises(TypeError, match="logit_bias: expected None, a number or a scalar tensor, got str"):
+        lsr_kernels.ClipLoss()(v, t, s, "bias")
+
+
 def test_lsr_module_and_itc_module():
     feats, s = lsr_inputs(7, 6)
     mod = LSRLoss(**ALL_ON, backend="reference")
