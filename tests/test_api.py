@@ -86,6 +86,20 @@ def test_clip_module_logit_bias_as_open_clip():
         lsr_kernels.ClipLoss()(v, t, s, "bias")
 
 
+def test_out_of_range_scale_under_torch_compile_gives_nan_not_a_number():
+    # eager raises (a host sync); a compiled graph cannot, so the loss becomes NaN instead of finite
+    torch._dynamo.reset()
+    v, t = unit_rows(4, 3), unit_rows(4, 3)
+    compiled = torch.compile(lambda a, b, s: lsr_kernels.clip_loss(a, b, s, backend="reference"), backend="eager")
+    for bad in (-5.0, 0.0, float("nan"), 2e6):
+        assert torch.isnan(compiled(v, t, torch.tensor(bad)))
+    s = torch.tensor(3.0, requires_grad=True)
+    eager = lsr_kernels.clip_loss(v, t, s, backend="reference")
+    loss = compiled(v, t, s)
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(torch.autograd.grad(loss, [s])[0], torch.autograd.grad(eager, [s])[0])
+
+
 def test_lsr_module_and_itc_module():
     feats, s = lsr_inputs(7, 6)
     mod = LSRLoss(**ALL_ON, backend="reference")
