@@ -77,7 +77,9 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) exp_gram_fwd_kernel
   const int64_t num_tiles = nb * (nb + 1) / 2;
   const int col = threadIdx.x % K::BN, rpart = threadIdx.x / K::BN;
 
-  acc_t local = acc_t(0);
+  // One add per tile per thread, over up to nb^2 / (2 grid) tiles (10^6 at N = 4M): a float running
+  // sum stops growing there (each tile's term falls under half an ulp), so it is a double.
+  double local = 0.0;
   acc_t* s_ops[1] = {S};
   for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {  // block-uniform loop
     int64_t bi, bj;
@@ -93,11 +95,12 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) exp_gram_fwd_kernel
       const int diag_r = bi == bj ? col : -1;  // the tile's row that is this column's own sample
       for (int r = rpart; r < a_rows; r += K::kRowParts)
         sum += r == diag_r ? acc_t(1) : exp_acc<kFast>(-t * (norms[r0 + r] + n_c - acc_t(2) * S[r * K::LDS + col]));
-      local += (bi == bj ? acc_t(1) : acc_t(2)) * sum;  // an off-diagonal tile stands for its mirror too
+      const acc_t mirrored = bi == bj ? acc_t(1) : acc_t(2);  // an off-diagonal tile stands for its mirror too
+      local += static_cast<double>(mirrored * sum);
     }
     __syncthreads();  // S is rewritten by the next tile
   }
-  const acc_t total = block_sum(local, scratch);
+  const acc_t total = block_sum(static_cast<acc_t>(local), scratch);
   if (threadIdx.x == 0) static_cast<acc_t*>(p.partials)[blockIdx.x] = total;
 }
 
