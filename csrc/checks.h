@@ -65,13 +65,15 @@ inline DType to_dtype(at::ScalarType t, const char* op, const char* name) {
 inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // A feature matrix: CUDA, [rows, D] with rows >= 1 and 1 <= D, contiguous, a supported dtype,
-// small enough for 32-bit row / column indices.
+// small enough for 32-bit row / column indices (with room for a tile past the last row: grid sizes
+// are ceil_div in int).
+constexpr int64_t kMaxRows = std::numeric_limits<int>::max() - 1024;
 inline void check_features(const at::Tensor& x, const char* op, const char* name) {
   CHECK_DEVICE(op, name, x);
   TORCH_CHECK_VALUE(x.dim() == 2, op, ": ", name, " must be a 2-D [rows, D] matrix, got shape ", x.sizes());
   TORCH_CHECK_VALUE(x.size(0) >= 1 && x.size(1) >= 1, op, ": ", name, " must be non-empty, got shape ", x.sizes());
-  TORCH_CHECK_VALUE(x.size(0) <= std::numeric_limits<int>::max() && x.size(1) <= std::numeric_limits<int>::max(), op,
-                    ": ", name, " is too large for 32-bit indices, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.size(0) <= kMaxRows && x.size(1) <= std::numeric_limits<int>::max(), op, ": ", name,
+                    " is too large for 32-bit indices (at most ", kMaxRows, " rows), got shape ", x.sizes());
   to_dtype(x.scalar_type(), op, name);
   CHECK_CONTIGUOUS(op, name, x);
 }

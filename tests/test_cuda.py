@@ -704,6 +704,8 @@ def bad_op_calls(ops, device):
         ("lse of the wrong length", lambda: ops.info_nce_bwd(g, a, b, s, lse[:5], lse, True, True, 0)),
         ("lse of the wrong dtype", lambda: ops.itc_bwd(g, a, b, b, s, lse.double(), lse, 0.4)),
         ("grad with two elements", lambda: ops.exp_gram_bwd(torch.ones(2, **f32), a, 2.0)),
+        # past 32-bit row indices (an expanded view: no memory)
+        ("2^31 rows", lambda: ops.exp_gram_fwd(torch.zeros(1, 1, **f32).expand(2**31, 1), 2.0)),
     ]
 
 

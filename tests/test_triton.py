@@ -456,6 +456,8 @@ def test_cpu_tensors_rejected_outside_the_interpreter(cpu, monkeypatch):
     (lambda: T.exp_gram_sum(unit_rows(4, 3), 0.0), r"t: expected a finite positive"),
     (lambda: T.exp_gram_sum(torch.zeros(0, 3), 1.0), r"x: expected a non-empty 2-D"),
     (lambda: T.exp_gram_sum(torch.zeros(4), 1.0), r"x: expected a non-empty 2-D"),
+    # past 32-bit tile indices (an expanded view: no memory)
+    (lambda: T.exp_gram_sum(torch.zeros(1, 1).expand(2**31, 1), 1.0), r"x: at most 2147482624 rows"),
 ])
 def test_bad_input_errors_name_the_argument(cpu, call, match):
     with pytest.raises(ValueError, match=match):

@@ -66,6 +66,8 @@ SPLIT_PARTIAL_ELEMENTS = 2**24
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_DO": 32, "FLATTEN": False},
                                    num_warps=4, num_stages=1)
 INTERPRETER_GRANULE = 16
+#: Row counts the kernels index in 32 bits (program id x block, plus a tile past the last row).
+MAX_ROWS = 2**31 - 1024
 INTERPRETER_TARGET_PROGRAMS = 4
 
 
@@ -153,6 +155,8 @@ def check_matrix(name: str, x: Tensor) -> None:
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name}: expected a non-empty 2-D [rows, D] matrix, got shape {tuple(x.shape)}")
+    if x.shape[0] > MAX_ROWS:
+        raise ValueError(f"{name}: at most {MAX_ROWS} rows (32-bit tile indices), got shape {tuple(x.shape)}")
     kernel_dtypes(x.dtype)
     check_device(name, x)
 
