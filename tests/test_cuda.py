@@ -35,6 +35,7 @@ low-precision inputs), measured as a relative 2-norm.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 import shutil
@@ -813,6 +814,23 @@ def test_gpu_info_nce_large_width(prims, cuda_device, dtype):
 @pytest.mark.parametrize("n,d", GPU_SHAPES + [(4099, 16)])  # 4099: more tiles than persistent blocks
 def test_gpu_exp_gram(prims, cuda_device, n, d, dtype):
     run_exp_gram_parity(prims, n, d, dtype, cuda_device)
+
+
+@pytest.mark.gpu
+def test_gpu_exp_gram_sum_at_a_million_rows(prims, cuda_device):
+    # Each persistent block adds one term per tile, ~10^5 tiles per thread at N = 2^20: a float running
+    # sum rounds every term to its ulp (simulated: 8e-4 off here, 7% at N = 8M). Row i is e_(i mod 3),
+    # so the sum is known: pairs of the same residue at distance 0 (exp 0 = 1), the others at 2.
+    n, t = 1 << 20, 2.0
+    x = torch.zeros(n, 16, dtype=torch.bfloat16, device=cuda_device)
+    counts = [len(range(r, n, 3)) for r in range(3)]
+    for r in range(3):
+        x[r::3, r] = 1
+    with torch.no_grad():
+        total = prims.exp_gram_sum(x, t).item()
+    same = sum(c * c for c in counts)
+    expected = same + (n * n - same) * math.exp(-2 * t)
+    assert abs(total - expected) <= 1e-5 * expected, f"{total} vs {expected}"
 
 
 @pytest.mark.gpu
