@@ -180,15 +180,23 @@ def _record_loads(monkeypatch):
 
 
 def test_jit_build_after_an_interrupted_build(tmp_path, monkeypatch):
-    """A killed build leaves torch's lock file behind; torch would wait on it forever."""
+    """A killed build leaves torch's lock file behind; torch before 2.14 (FileBaton) would wait on it
+    forever, torch 2.14 (an OS lock on the file) leaves the file after every build and is not stuck."""
+    from torch.utils import cpp_extension
     calls = _record_loads(monkeypatch)
     (tmp_path / "lock").touch()
+    monkeypatch.delattr(cpp_extension, "FileBaton", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an OS-locked file is not a dead build's
+        cuda_backend._jit_build("lsr_kernels_cuda", str(tmp_path), sources=[])
+    assert (tmp_path / "lock").exists()
+    monkeypatch.setattr(cpp_extension, "FileBaton", object, raising=False)
     with pytest.warns(UserWarning, match="left by a build that was interrupted"):
         cuda_backend._jit_build("lsr_kernels_cuda", str(tmp_path), sources=[])
     assert not (tmp_path / "lock").exists()
     # named for this torch: a build cached under another torch is not loaded ("undefined symbol")
     tag = re.sub(r"[^0-9A-Za-z]", "_", torch.__version__)
-    assert calls == [{"name": f"lsr_kernels_cuda_torch_{tag}", "build_directory": str(tmp_path), "sources": []}]
+    assert calls == 2 * [{"name": f"lsr_kernels_cuda_torch_{tag}", "build_directory": str(tmp_path), "sources": []}]
 
 
 def test_jit_build_waits_for_a_live_build(tmp_path, monkeypatch):

@@ -373,10 +373,11 @@ def _jit_build(name: str, build_directory: Optional[str], **kwargs: Any) -> None
     - The name (the library's file and, by default, its folder in torch's extension cache) carries
       torch's version: the cache keys a build on its sources and flags only, so after a torch upgrade
       it would load the old build, which fails with "undefined symbol".
-    - torch serialises builds of a folder with a lock *file* that a killed build leaves behind; every
-      later build would then wait on it forever. These builds take an ``flock`` on the folder first,
-      which the OS releases when its holder dies, so a lock file found while holding it is a dead
-      build's and is removed.
+    - torch before 2.14 serialises builds of a folder with a lock *file* (``FileBaton``) that a killed
+      build leaves behind; every later build would then wait on it forever. These builds take an
+      ``flock`` on the folder first, which the OS releases when its holder dies, so under such a torch
+      a lock file found while holding it is a dead build's and is removed. (torch 2.14 holds an OS
+      lock on that file instead, which a dead build releases; the file stays, harmlessly.)
     """
     from torch.utils import cpp_extension
 
@@ -392,7 +393,7 @@ def _jit_build(name: str, build_directory: Optional[str], **kwargs: Any) -> None
         if fcntl is not None:
             fcntl.flock(held, fcntl.LOCK_EX)
             stale = os.path.join(build_directory, "lock")
-            if os.path.exists(stale):
+            if hasattr(cpp_extension, "FileBaton") and os.path.exists(stale):
                 warnings.warn(f"lsr_kernels: removing {stale}, left by a build that was interrupted", stacklevel=3)
                 os.remove(stale)
         cpp_extension.load(name=name, build_directory=build_directory, **kwargs)
