@@ -2,8 +2,9 @@
 
 The CUDA extension ``lsr_kernels._C`` (csrc/) is optional, chosen by ``LSR_BUILD_CUDA``:
 
-- ``auto`` (default): build it when torch imports, is a CUDA build, and a CUDA toolkit (nvcc) is
-  found; otherwise install the pure-Python package (Triton and chunked backends) without failing.
+- ``auto`` (default): build it when torch imports, is a CUDA build, and a CUDA toolkit (nvcc) of
+  torch's CUDA major version is found; otherwise, or when the compile fails, install the pure-Python
+  package (Triton and chunked backends) without failing.
 - ``1``: build it (any machine with nvcc and a CUDA build of torch, GPU or not); fail if impossible.
 - ``0``: never build it.
 
@@ -24,7 +25,9 @@ works on machines without torch.
 """
 import glob
 import os
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -92,6 +95,17 @@ def _wheel_include_dirs():
     return list(dict.fromkeys(d for d in dirs if os.path.isdir(d)))
 
 
+def _nvcc_version(cuda_home):
+    """The toolkit's ``major.minor`` from ``nvcc --version``, or None when it cannot be read."""
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{found.group(1)}.{found.group(2)}" if found else None
+
+
 def _default_max_jobs():
     cores = os.cpu_count() or 1
     try:
@@ -127,6 +141,11 @@ def _cuda_build(mode):
         return skip(f"torch {torch.__version__} is not a CUDA build")
     if not CUDA_HOME or not os.path.isfile(os.path.join(CUDA_HOME, "bin", "nvcc")):
         return skip("no CUDA toolkit found (set CUDA_HOME to a directory with bin/nvcc)")
+    toolkit = _nvcc_version(CUDA_HOME)
+    if toolkit is None or toolkit.split(".")[0] != torch.version.cuda.split(".")[0]:
+        return skip(f"the CUDA toolkit at {CUDA_HOME} is {toolkit or 'of an unknown version'}, torch "
+                    f"{torch.__version__} was built with CUDA {torch.version.cuda}: their major versions must "
+                    f"match (set CUDA_HOME to a matching toolkit)")
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
@@ -147,7 +166,21 @@ def _cuda_build(mode):
         include_dirs=include_dirs,
         extra_compile_args={"cxx": ["-O3", "-DNDEBUG"], "nvcc": ["-O3", "-DNDEBUG", "-lineinfo"]},
     )
-    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    if mode == "1":
+        return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+    class BuildExtensionIfPossible(BuildExtension):
+        """``auto``: a failed compile (another host compiler, a broken toolkit) installs the package
+        without the extension, as the checks above do, instead of failing the install."""
+
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as exc:  # torch reports compile errors as RuntimeError
+                skip(f"building the CUDA extension failed ({type(exc).__name__}: {str(exc)[:300]})")
+                self.extensions = []  # nothing for the later steps (the editable install's copy) to find
+
+    return [extension], {"build_ext": BuildExtensionIfPossible.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _cuda_build(_build_mode())
@@ -163,7 +196,9 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
-        "test": ["pytest>=7", "open-clip-torch>=2.20", "pytest-benchmark", "scikit-learn"],
+        # open_clip 2.32 is the first whose ClipLoss takes logit_bias; ninja builds the CUDA sources'
+        # CPU emulation (torch.utils.cpp_extension.load needs it)
+        "test": ["pytest>=7", "open-clip-torch>=2.32", "pytest-benchmark", "scikit-learn", "ninja"],
         "bench": ["matplotlib"],
         "train": ["scikit-learn", "matplotlib", "pillow"],
         "triton": ["triton>=3.5"],  # backends.MIN_TRITON

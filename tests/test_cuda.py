@@ -268,6 +268,30 @@ def installed_wheel(tmp_path_factory):
     return _install_wheel(tmp_path_factory.mktemp("wheel"), "0")
 
 
+def _fake_toolkit(root: Path, release: str) -> Path:
+    """A CUDA_HOME whose nvcc reports ``release`` and fails every compile."""
+    nvcc = root / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text(f"#!/bin/sh\ncase \"$*\" in *--version*|*-V*) echo 'Cuda compilation tools, release {release}, "
+                    f"V{release}.1'; exit 0;; esac\necho 'fake nvcc: no compiling here' >&2; exit 1\n")
+    nvcc.chmod(0o755)
+    return root
+
+
+def test_auto_build_installs_without_an_extension_it_cannot_build(tmp_path):
+    """LSR_BUILD_CUDA=auto never fails an install: a toolkit of another CUDA major than torch's is
+    skipped before compiling, a compile that fails leaves the pure package (sources included)."""
+    if torch.version.cuda is None or not _setuptools_makes_wheels():
+        pytest.skip("needs a CUDA build of torch and a setuptools that builds wheels without isolation")
+    major = int(torch.version.cuda.split(".")[0])
+    for name, release in (("other-major", f"{major - 1}.9"), ("compile-fails", f"{major}.0")):
+        (tmp_path / name).mkdir()
+        home = _fake_toolkit(tmp_path / name / "cuda", release)
+        site = _install_wheel(tmp_path / name, "auto", CUDA_HOME=str(home))
+        assert not list((site / "lsr_kernels").glob("_C*")), name
+        assert (site / "lsr_kernels" / "_csrc" / "info_nce.cpp").is_file(), name
+
+
 def _skip_unless_nvcc_builds_for_this_torch():
     if _nvcc() is None:
         pytest.skip("nvcc not found (set CUDA_HOME)")
