@@ -67,10 +67,12 @@ NVCC_FLAGS = ["-O3", "-DNDEBUG", "-lineinfo"]
 CXX_FLAGS = ["-O3", "-DNDEBUG"]
 
 _BUILD_HINT = (
-    "the lsr_kernels CUDA extension is not available. Build it ahead of time with\n"
+    "the lsr_kernels CUDA extension is not available. Build it just in time (an installed wheel carries "
+    "the sources; a few minutes, cached per torch version) with\n"
+    "    from lsr_kernels.backends import cuda; cuda.load_jit()\n"
+    "or ahead of time, from a source checkout, with\n"
     "    LSR_BUILD_CUDA=1 pip install --no-build-isolation -e .\n"
-    "(needs nvcc and a CUDA build of torch), or just in time from a source checkout with\n"
-    "    from lsr_kernels.backends import cuda; cuda.load_jit()"
+    "Both need nvcc of torch's CUDA major version, a CUDA build of torch and ninja (pip install ninja)."
 )
 
 
