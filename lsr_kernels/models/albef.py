@@ -298,9 +298,11 @@ class ALBEF(nn.Module):
         text_mask_all = padding_mask(shard.gather(text, with_grad=False), c.pad_id)
         image_tokens_all = shard.gather(image_tokens, with_grad=True)
         # Rows 0..B-1: each text with a hard negative image; rows B..2B-1: each image with a hard negative text.
-        text_for_neg = torch.cat([text_hidden, text_hidden_all[neg_text]])
-        mask_for_neg = torch.cat([text_mask, text_mask_all[neg_text]])
-        image_for_neg = torch.cat([image_tokens_all[neg_image], image_tokens])
+        # index_select, not x[idx]: the latter's backward adds repeated rows with parallel atomics on a
+        # multi-threaded CPU, in an order that differs between runs (a resumed run would not repeat).
+        text_for_neg = torch.cat([text_hidden, text_hidden_all.index_select(0, neg_text)])
+        mask_for_neg = torch.cat([text_mask, text_mask_all.index_select(0, neg_text)])
+        image_for_neg = torch.cat([image_tokens_all.index_select(0, neg_image), image_tokens])
         fused_neg = self.fusion(text_for_neg, mask_for_neg, image_for_neg)[:, 0]
         itm_logits = self.itm_head(torch.cat([fused_pos, fused_neg]))
         itm_labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]).to(device)
