@@ -252,14 +252,17 @@ def load_csv_pairs(path: str, img_key: str = "filepath", caption_key: str = "tit
     if channels not in (1, 3):
         raise ValueError(f"channels: expected 1 or 3, got {channels}")
     base = os.path.dirname(os.path.abspath(path))
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=separator)
-        header = reader.fieldnames or []
-        for option, key in (("--csv-img-key", img_key), ("--csv-caption-key", caption_key)):
-            if key not in header:
-                raise ValueError(f"{option}: column {key!r} not in the header of {path!r} (columns {header}, "
-                                 f"separator {separator!r}); pass the right column name or --csv-separator")
-        rows = list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter=separator)
+            header = reader.fieldnames or []
+            for option, key in (("--csv-img-key", img_key), ("--csv-caption-key", caption_key)):
+                if key not in header:
+                    raise ValueError(f"{option}: column {key!r} not in the header of {path!r} (columns {header}, "
+                                     f"separator {separator!r}); pass the right column name or --csv-separator")
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as err:  # not ValueErrors (csv.Error) or without the file's name
+        raise ValueError(f"--csv: {path!r} is not a readable UTF-8 CSV file: {err}") from err
     if not rows:
         raise ValueError(f"--csv: {path!r} has a header but no rows")
     images, captions = [], []

@@ -14,8 +14,9 @@ holding the whole batch), with ``mean_r l_r = L``:
   one all-reduce of a scalar; every rank's share is ``log(S / N)`` itself.
 - geometric consistency: the ``D x D`` Gram matrices of SPEC 2.4 are sums over ranks, one all-reduce;
   no feature is gathered for it.
-- ITC (SPEC 2.6): the momentum features of every rank are gathered without gradient (ALBEF's
-  ``concat_all_gather``) and form the bank with the queue; local rows against the whole bank.
+- ITC (SPEC 2.6): the momentum features of every rank are gathered without gradient and form the
+  bank with the queue; local rows against the whole bank: single-process ALBEF on the global batch
+  (ALBEF's own DDP code uses only the local momentum features and gathers for the queue).
 
 Gradients: the collectives carry gradients back to the rank that owns the rows (an all-gather's
 backward is a reduce-scatter of the column gradients, an all-reduce's backward an all-reduce). Hence,

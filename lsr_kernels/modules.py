@@ -145,10 +145,12 @@ class ITCLoss(_DistributedArgs):
     """ALBEF's image-text contrastive loss with momentum distillation and queues (SPEC 2.6).
 
     Distributed (``world_size > 1``): every rank's momentum features, gathered without gradient, and
-    then the queue form the bank (ALBEF's ``concat_all_gather``); each rank's rows are contrasted
-    against it. The queues must be identical on every rank: fill them with
-    :meth:`dequeue_and_enqueue` (or :meth:`FeatureQueue.enqueue_gathered`). ``local_loss=True``
-    returns this rank's share (ALBEF's behaviour; the mean over ranks is the single-process loss);
+    then the queue form the bank; each rank's rows are contrasted against it, so the ranks together
+    compute single-process ALBEF on the global batch (SPEC 5). (ALBEF's own DDP code contrasts each
+    rank's rows with its local momentum features and the queue only, and gathers for the queue.) The
+    queues must be identical on every rank: fill them with :meth:`dequeue_and_enqueue` (or
+    :meth:`FeatureQueue.enqueue_gathered`). ``local_loss=True`` returns this rank's share (the mean
+    over ranks is the single-process loss);
     ``distributed_mode`` has no effect (the bank is always gathered: it carries no gradient and the
     queue already holds ``K`` rows on every rank).
     """

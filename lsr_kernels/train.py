@@ -202,6 +202,9 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     """Errors that argparse's per-option types cannot see (combinations); all before any training."""
     if args.compare and args.resume:
         parser.error("--compare and --resume cannot be combined (resume each run's folder separately)")
+    if args.compare and args.reg != parser.get_default("reg"):
+        parser.error(f"--compare trains its own set of regularisers ({args.model}: "
+                     f"{', '.join(COMPARE_RUNS[args.model])}); --reg {args.reg} would be ignored")
     if args.batch_size < 2:
         parser.error(f"--batch-size: expected >= 2 (a contrastive batch needs negatives), got {args.batch_size}")
     if not args.compare:

@@ -216,6 +216,15 @@ def test_albef_itm_gradients_are_the_same_every_run():
         assert all(torch.equal(first[n], g) for n, g in itm_grads().items())
 
 
+def test_albef_losses_under_autocast():
+    # the fp32 queues follow the features' dtype: under autocast they were a dtype mismatch for ITC
+    model = _albef()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.losses(_images(4), _tokens(4), LSRLoss(backend="chunked"))
+    assert torch.isfinite(out["loss"]) and model.image_queue.features.dtype == torch.float32
+    out["loss"].backward()
+
+
 def test_albef_temperature_is_clamped_and_batch_of_one_refused():
     model = _albef()
     with torch.no_grad():
@@ -390,3 +399,10 @@ def test_csv_loader_errors_name_the_option(tmp_path):
         load_csv_pairs(bad)
     with pytest.raises(ValueError, match="no such file"):
         load_csv_pairs(str(tmp_path / "missing.tsv"))
+    latin1 = tmp_path / "latin1.tsv"
+    latin1.write_bytes("filepath\ttitle\nimg0.png\tcaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="--csv: .*latin1.tsv' is not a readable UTF-8 CSV file"):
+        load_csv_pairs(str(latin1))
+    huge = _write_csv(tmp_path, [(names[0], "x" * 200_000)])  # past the csv module's field limit
+    with pytest.raises(ValueError, match="--csv: .*pairs.tsv' is not a readable UTF-8 CSV file: field larger"):
+        load_csv_pairs(huge)

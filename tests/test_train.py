@@ -187,6 +187,7 @@ def test_resume_refuses_to_change_the_trajectory(runs, capsys):
     (["--reg", "br", "--sep-weight", "2"], "--sep-weight was given but --reg br"),
     (["--backend", "magic"], "--backend"),
     (["--compare", "--resume", "x"], "cannot be combined"),
+    (["--compare", "--reg", "gc"], "--compare trains its own set of regularisers (clip: none, sep, br, gc); --reg gc"),
     (["--image-size", "10", "--patch-size", "4"], "not a multiple of --patch-size"),
 ])
 def test_bad_arguments_are_argparse_errors(argv, message, capsys):

@@ -257,15 +257,17 @@ class ALBEF(nn.Module):
         # ---- ITC (SPEC 2.6). The queues are cloned: they are updated in place below.
         out: Dict[str, Tensor] = {}
         # Distributed (an LSRLoss with world_size > 1): ITC takes the same placement, so the bank holds
-        # every rank's momentum features, and the queues enqueue all of them (ALBEF's concat_all_gather).
+        # every rank's momentum features (single-process ALBEF on the global batch), and the queues
+        # enqueue all of them (ALBEF's concat_all_gather). The fp32 queues follow the features' dtype
+        # (an enclosing autocast makes them bf16 / fp16).
         world = getattr(lsr_loss, "world_size", 1)
         if world > 1:
             itc = ITCLoss(alpha=alpha, **lsr_loss.distributed_settings())
         else:
             itc = functools.partial(itc_loss, alpha=alpha, backend=getattr(lsr_loss, "backend", "auto"))
         out["itc_loss"] = itc(image_feat, text_feat, image_feat_m, text_feat_m, scale,
-                              image_queue=self.image_queue.features.clone(),
-                              text_queue=self.text_queue.features.clone())
+                              image_queue=self.image_queue.features.to(image_feat.dtype, copy=True),
+                              text_queue=self.text_queue.features.to(text_feat.dtype, copy=True))
 
         # ---- LSR regularisers on the unimodal features, momentum features as the views.
         regulariser = image_feat.new_zeros(())
