@@ -198,7 +198,8 @@ setup(
     extras_require={
         # open_clip 2.32 is the first whose ClipLoss takes logit_bias; ninja builds the CUDA sources'
         # CPU emulation (torch.utils.cpp_extension.load needs it)
-        "test": ["pytest>=7", "open-clip-torch>=2.32", "pytest-benchmark", "scikit-learn", "ninja"],
+        "test": ["pytest>=7", "open-clip-torch>=2.32", "pytest-benchmark", "scikit-learn", "ninja", "matplotlib",
+                 "pillow"],
         "bench": ["matplotlib"],
         "train": ["scikit-learn", "matplotlib", "pillow"],
         "triton": ["triton>=3.5"],  # backends.MIN_TRITON

@@ -66,6 +66,8 @@ REG_CHOICES = ("none",) + REGULARISERS + ("all",)
 PAPER_WEIGHTS = {"sep": 1.0, "br": 1.0, "gc": 0.25}
 #: ``lsr_loss`` term names of the regularisers, for logging and tables.
 TERM_OF = {"sep": "separation_loss", "br": "bridge_loss", "gc": "geometric_loss"}
+#: What the [train] extra installs (scikit-learn's digits, the curves, CSV images), by import name.
+TRAIN_EXTRA_MODULES = ("sklearn", "matplotlib", "PIL")
 #: The runs ``--compare`` makes: one regulariser per CLIP run, all together for ALBEF (as the paper).
 COMPARE_RUNS = {"clip": ("none", "sep", "br", "gc"), "albef": ("none", "all")}
 #: Arguments that define the trajectory: on ``--resume`` they come from the checkpoint.
@@ -839,6 +841,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 train(args)
     except InputError as err:  # bad data or configuration found before training: one clear line
         print(f"lsr-train: error: {err}", file=sys.stderr)
+        code = 2
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
+            raise
+        print(f"lsr-train: error: {err.name} is missing: lsr-train needs the [train] extra "
+              f"(pip install 'lsr-kernels[train]', or -e '.[train]' in a checkout)", file=sys.stderr)
         code = 2
     if ranks.owns_group:
         exit_worker(code)

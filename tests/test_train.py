@@ -12,6 +12,7 @@
 import csv
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -240,6 +241,12 @@ def test_bad_csv_fails_before_training(tmp_path, capsys, extra, broken_row, mess
     assert not out.exists()  # nothing trained, nothing written
     with pytest.raises(ValueError, match=message.split(":")[0]):
         T.train(T.parse_args(["--csv", path, "--out", str(out), "--steps", "2", *CSV_TINY, *extra]))
+
+
+def test_missing_train_extra_is_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # as if scikit-learn were not installed
+    assert T.main(["--out", str(tmp_path / "out"), "--steps", "1", "--no-progress"]) == 2
+    assert "sklearn.datasets is missing: lsr-train needs the [train] extra" in capsys.readouterr().err
 
 
 def test_user_csv_trains_end_to_end(tmp_path):
