@@ -549,12 +549,28 @@ def train(args: argparse.Namespace, *, stop_after: Optional[int] = None, log=pri
         return _train(args, ranks, stop_after=stop_after, log=log if ranks.is_main else (lambda *a, **k: None))
 
 
+def _raise_on_every_rank(problem: Optional[ValueError], ranks: Ranks, device: torch.device) -> None:
+    """Raise ``problem`` (an input check's error) as an :class:`InputError`; under torchrun every rank
+    raises one when any rank found a problem (the others: that another rank did), so that they all
+    report and leave together rather than some waiting in training's first collective."""
+    if ranks.world > 1:
+        failed = torch.tensor(float(problem is not None), device=device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item() and problem is None:
+            problem = InputError("another rank's input check failed (its error is reported there)")
+    if isinstance(problem, InputError):
+        raise problem
+    if problem is not None:
+        raise InputError(str(problem)) from problem
+
+
 def _train(args: argparse.Namespace, ranks: Ranks, *, stop_after: Optional[int], log) -> dict:
     started = time.time()
     device = resolve_device(args.device, ranks.local_rank if ranks.world > 1 else None)
     out_dir = args.out or os.path.join("runs", f"{args.model}-{args.reg.replace(',', '+')}")
     weights = regulariser_weights(args)
     views = args.model == "clip" and any(w > 0 for w in weights.values())  # CLIP's regularisers need views
+    problem: Optional[ValueError] = None
     try:  # every user-input problem surfaces here, before anything is trained
         train_data, held_out = load_data(args)
         if args.batch_size > len(train_data):
@@ -574,10 +590,9 @@ def _train(args: argparse.Namespace, ranks: Ranks, *, stop_after: Optional[int],
         else:
             op, shape = "itc", (rows, sizes["embed_dim"], sizes["queue_size"])
         backend = backends.resolve(args.backend, device, op, torch.float32, shape)
-    except InputError:
-        raise
     except ValueError as err:
-        raise InputError(str(err)) from err
+        problem = err
+    _raise_on_every_rank(problem, ranks, device)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed % 2 ** 32)
@@ -835,11 +850,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         # Under torchrun the process group lives for the whole command (every --compare run shares it).
         with process_group(args.device) as ranks:
-            if args.compare:
-                compare(args)
-            else:
-                train(args)
-    except InputError as err:  # bad data or configuration found before training: one clear line
+            try:
+                if args.compare:
+                    compare(args)
+                else:
+                    train(args)
+            except InputError as err:
+                # Bad data or configuration found before training, on every rank (_raise_on_every_rank):
+                # reported inside the group, whose exit then waits for every rank to have reported (a
+                # rank that exited first would have torchrun stop the others before they could).
+                print(f"lsr-train: error: {err}", file=sys.stderr)
+                code = 2
+    except InputError as err:  # from joining the group itself
         print(f"lsr-train: error: {err}", file=sys.stderr)
         code = 2
     except ModuleNotFoundError as err:
