@@ -844,6 +844,12 @@ def _pct(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
 
+def _report(error) -> int:
+    """One clear line on stderr for an error found before training; the exit code for it."""
+    print(f"lsr-train: error: {error}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     ranks, code = Ranks(), 0
@@ -859,17 +865,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 # Bad data or configuration found before training, on every rank (_raise_on_every_rank):
                 # reported inside the group, whose exit then waits for every rank to have reported (a
                 # rank that exited first would have torchrun stop the others before they could).
-                print(f"lsr-train: error: {err}", file=sys.stderr)
-                code = 2
+                code = _report(err)
     except InputError as err:  # from joining the group itself
-        print(f"lsr-train: error: {err}", file=sys.stderr)
-        code = 2
+        code = _report(err)
     except ModuleNotFoundError as err:
         if (err.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
             raise
-        print(f"lsr-train: error: {err.name} is missing: lsr-train needs the [train] extra "
-              f"(pip install 'lsr-kernels[train]', or -e '.[train]' in a checkout)", file=sys.stderr)
-        code = 2
+        code = _report(f"{err.name} is missing: lsr-train needs the [train] extra "
+                       f"(pip install 'lsr-kernels[train]', or -e '.[train]' in a checkout)")
     if ranks.owns_group:
         exit_worker(code)
     return code

@@ -12,7 +12,8 @@ import torch
 
 import lsr_kernels
 from lsr_kernels import backends, reference as R
-from helpers import ALL_ON, FEATURE_NAMES, backend_available, grads, lsr_inputs, rel_err, require_cuda_extension, unit_rows, weights_only
+from helpers import (ALL_ON, FEATURE_NAMES, backend_available, grads, lsr_inputs, rel_err, require_cuda_extension,
+                     unit_rows, weights_only)
 
 LOW_PRECISION_FACTOR = 3.0  # flash-attention uses 2; a fused kernel rounds at different places
 
