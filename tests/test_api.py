@@ -256,6 +256,24 @@ def test_bad_device_names_argument():
         lsr_kernels.clip_loss(v, v, torch.tensor(1.0, device="meta"), backend="reference")
 
 
+def test_kernel_backend_on_cpu_tensors_names_the_api_argument(monkeypatch):
+    """An explicit triton/cuda backend on CPU features is refused before any primitive runs, naming the
+    argument the caller passed (not a primitive's operand)."""
+    v = unit_rows(4, 3)
+    with pytest.raises(ValueError, match=r"^image_features: backend='cuda' needs CUDA tensors, got device cpu "
+                                         r"\(shape \(4, 3\)\)"):
+        lsr_kernels.clip_loss(v, v, 1.0, backend="cuda")
+    with pytest.raises(ValueError, match=r"^image_features: backend='cuda'"):
+        lsr_kernels.itc_loss(v, v, v, v, 1.0, backend="cuda")
+    if backends.triton_unusable_reason() is None:
+        from lsr_kernels.backends.triton import _common
+        monkeypatch.setattr(_common, "interpreting", lambda: False)
+        with pytest.raises(ValueError, match=r"^image_features: the triton backend needs CUDA tensors"):
+            lsr_kernels.clip_loss(v, v, 1.0, backend="triton")
+        with pytest.raises(ValueError, match=r"^image_features: the triton backend needs CUDA tensors"):
+            lsr_kernels.itc_loss(v, v, v, v, 1.0, backend="triton")
+
+
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
 def test_meta_inputs_trace_shapes(backend):
     """Meta tensors (shape inference, no data): the scale's value check is skipped, nothing reads data."""

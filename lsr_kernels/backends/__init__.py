@@ -150,7 +150,7 @@ def resolve_lsr_call(backend: str, features: dict, weights: Tuple[float, float, 
     image = features["image_features"]
     views = features.get("image_aug") is not None and features.get("text_aug") is not None
     op = lsr_op(views, *(w > 0 for w in weights))
-    return resolve(backend, image.device, op, image.dtype, (*image.shape, 0))
+    return _check_placement(resolve(backend, image.device, op, image.dtype, (*image.shape, 0)), features)
 
 
 def resolve_itc_call(backend: str, features: dict) -> str:
@@ -158,7 +158,24 @@ def resolve_itc_call(backend: str, features: dict) -> str:
     image = features["image_features"]
     queues = [features.get(name) for name in ("image_queue", "text_queue")]
     k = max([q.shape[0] for q in queues if q is not None] + [0])  # (Dynamo before torch 2.11: no default=)
-    return resolve(backend, image.device, "itc", image.dtype, (*image.shape, k))
+    return _check_placement(resolve(backend, image.device, "itc", image.dtype, (*image.shape, k)), features)
+
+
+def _check_placement(name: str, features: dict) -> str:
+    """Refuse features that a kernel backend cannot run on, naming the API argument (the primitives'
+    own checks would name their internal operands); return ``name``."""
+    if name in ("triton", "cuda"):
+        for arg, x in features.items():
+            if x is None:
+                continue
+            if name == "cuda" and not x.is_cuda:
+                raise ValueError(f"{arg}: backend='cuda' needs CUDA tensors, got device {x.device} "
+                                 f"(shape {tuple(x.shape)}); on CPU use backend='chunked'")
+            if name == "triton" and _triton_usable():
+                from .triton._common import check_device
+
+                check_device(arg, x)
+    return name
 
 
 def _gpu_identity(device: torch.device) -> Tuple[str, str]:
