@@ -46,8 +46,9 @@ def largest_n(s: Settings, suite: str, op: str, provider: str, d: int, dtype: st
         if call_s > call_cap_s:
             stop = f"time cap: one fwd+bwd took {call_s:.1f} s at N={n} (cap {call_cap_s:.0f} s)"
             break
-        # The next probe does about 4x this one's work (O(N^2)), its warm-up and autotuning included
-        # (N is in the Triton autotuner's key): estimated from this probe's wall time, not its one call.
+        # The next probe does about 4x this one's work (O(N^2)), its warm-up included: estimated from this
+        # probe's wall time, not its one call (generous past N = 65536, where Triton's autotune key stops
+        # growing and a probe no longer re-times every config).
         if elapsed + 4 * probe_s > time_cap_s:
             stop = f"time cap: N={2 * n} would take ~{4 * probe_s:.0f} s, past the {time_cap_s:.0f} s search cap"
             break

@@ -409,6 +409,36 @@ def test_autotune_pruning_clamps_and_drops():
                                          DOT_PRECISION="ieee")) == 1
 
 
+def test_autotune_keys_are_kernel_arguments_and_bucket_n(cpu, monkeypatch):
+    """Triton's autotuner silently drops a key that is not a kernel argument; N and M enter the key in
+    power-of-two buckets capped at 65536, so a doubling search or a short last batch does not re-time
+    every config at each new N."""
+    from lsr_kernels.backends.triton import _TUNED
+    for tuned in _TUNED:
+        assert set(tuned.keys) <= set(tuned.arg_names), (tuned.base_fn.__name__, tuned.keys)
+        assert "N_BUCKET" in tuned.keys and "N" not in tuned.keys and "M" not in tuned.keys
+    assert [_common.tune_bucket(n) for n in (1, 2, 17, 4096, 4097, 65536, 65537, 1 << 22)] == [
+        1, 2, 32, 4096, 8192, 65536, 65536, 65536]
+    seen = []
+    real_launch = _common.launch
+
+    def recording(kernel, tuned, grid, args, config):
+        if tuned is not None:  # (the row-norm helper is not tuned)
+            seen.append((tuned.base_fn.__name__, args["N"], args["N_BUCKET"], args.get("M"), args.get("M_BUCKET")))
+        return real_launch(kernel, tuned, grid, args, config)
+
+    for module in (softmax_ce, exp_gram):
+        monkeypatch.setattr(module, "launch", recording)
+    a, bank = unit_rows(20, 8), unit_rows(37, 8)
+    T.info_nce(a, a, _scale(), True).backward()
+    T.itc_soft_ce(a, a.detach(), bank, _scale(), 0.4).backward()
+    T.exp_gram_sum(a, 2.0).backward()
+    assert {name for name, *_ in seen} >= {"_softmax_ce_fwd_kernel", "_softmax_ce_bwd_kernel", "_exp_gram_fwd_kernel",
+                                           "_exp_gram_bwd_kernel"}
+    for name, n, n_bucket, m, m_bucket in seen:
+        assert n_bucket == _common.tune_bucket(n) and (m is None or m_bucket == _common.tune_bucket(m)), name
+
+
 def test_autotune_switch_picks_the_smallest_surviving_config(monkeypatch):
     """LSR_TRITON_AUTOTUNE=0: the launcher runs the smallest config that survives pruning instead of
     the autotuner (one compile per kernel for the GPU test run); 1 or unset: the autotuner."""

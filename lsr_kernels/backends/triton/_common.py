@@ -200,6 +200,17 @@ def padded_width(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+#: Autotune keys bucket N (and M) by powers of two up to here: past it every program runs many tiles
+#: and the best config no longer moves with N, so a doubling search (benchmarks' largest N) or a
+#: last short batch does not re-time every config at each new N.
+TUNE_BUCKET_CAP = 65536
+
+
+def tune_bucket(n: int) -> int:
+    """The autotune key standing for ``n`` rows: the next power of two, at most :data:`TUNE_BUCKET_CAP`."""
+    return min(triton.next_power_of_2(n), TUNE_BUCKET_CAP)
+
+
 def split_range(extent: int, parts: int, unit: int) -> Tuple[int, int]:
     """Cut ``extent`` into at most ``parts`` ranges whose length is a multiple of ``unit``;
     return ``(length, count)``."""

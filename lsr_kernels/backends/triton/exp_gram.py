@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ... import _validation as V
 from ._common import (LOG2E, _row_slice_program, _similarity_tiles, acc_dtype, autotuned, check_matrix, interpreting,
-                      kernel_dtypes, launch, padded_width, plan_backward, tile_config)
+                      kernel_dtypes, launch, padded_width, plan_backward, tile_config, tune_bucket)
 
 # ------------------------------------------------------------------------------------ GPU configs
 # FLATTEN: one software-pipelined loop over (column tile, K slice), as in softmax_ce's backward; the
@@ -72,6 +72,7 @@ def _row_sq_norm_kernel(X_ptr, sq_ptr, N, D, stride_xn, stride_xd,
 @triton.jit
 def _exp_gram_fwd_kernel(
     X_ptr, sq_ptr, row_part_ptr, N, D, stride_xn, stride_xd, neg_t_log2e_ptr,
+    N_BUCKET,  # autotune key only (tune_bucket)
     D_PADDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     FLATTEN: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -102,6 +103,7 @@ def _exp_gram_fwd_kernel(
 def _exp_gram_bwd_kernel(
     X_ptr, sq_ptr, coef_ptr, DX_ptr,
     N, D, stride_xn, stride_xd, stride_dxs, stride_dxn, stride_dxd, cols_per_split, neg_t_log2e_ptr,
+    N_BUCKET,  # autotune key only (tune_bucket)
     D_PADDED: tl.constexpr, SPLIT_PRODUCT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
     FLATTEN: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -141,8 +143,8 @@ def _exp_gram_bwd_kernel(
     tl.store(dx_ptrs, dx.to(DX_ptr.dtype.element_ty), mask=row_mask[:, None] & out_mask[None, :])
 
 
-_exp_gram_fwd_tuned = autotuned(FORWARD_CONFIGS, ["N", "D_PADDED"])(_exp_gram_fwd_kernel)
-_exp_gram_bwd_tuned = autotuned(BACKWARD_CONFIGS, ["N", "D_PADDED", "SPLIT_PRODUCT"])(_exp_gram_bwd_kernel)
+_exp_gram_fwd_tuned = autotuned(FORWARD_CONFIGS, ["N_BUCKET", "D_PADDED"])(_exp_gram_fwd_kernel)
+_exp_gram_bwd_tuned = autotuned(BACKWARD_CONFIGS, ["N_BUCKET", "D_PADDED", "SPLIT_PRODUCT"])(_exp_gram_bwd_kernel)
 
 
 # ----------------------------------------------------------------------------------------- launchers
@@ -168,7 +170,7 @@ def exp_gram_forward(x: Tensor, t: float, config: Optional[triton.Config] = None
     n, d = x.shape
     sq = _row_sq_norms(x)
     row_part = torch.empty_like(sq)
-    args = dict(X_ptr=x, sq_ptr=sq, row_part_ptr=row_part, N=n, D=d, stride_xn=x.stride(0),
+    args = dict(X_ptr=x, sq_ptr=sq, row_part_ptr=row_part, N=n, D=d, N_BUCKET=tune_bucket(n), stride_xn=x.stride(0),
                 stride_xd=x.stride(1), neg_t_log2e_ptr=_neg_t_log2e(t, x), D_PADDED=padded_width(d),
                 **kernel_dtypes(x.dtype))
     launch(_exp_gram_fwd_kernel, _exp_gram_fwd_tuned, lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),), args, config)
@@ -189,7 +191,7 @@ def exp_gram_backward(grad: Tensor, x: Tensor, sq: Tensor, t: float,
     else:
         dx = torch.empty((splits, n, d), dtype=acc, device=x.device)
         dx_strides = dx.stride()
-    args = dict(X_ptr=x, sq_ptr=sq, coef_ptr=coef, DX_ptr=dx, N=n, D=d, stride_xn=x.stride(0),
+    args = dict(X_ptr=x, sq_ptr=sq, coef_ptr=coef, DX_ptr=dx, N=n, D=d, N_BUCKET=tune_bucket(n), stride_xn=x.stride(0),
                 stride_xd=x.stride(1), stride_dxs=dx_strides[0], stride_dxn=dx_strides[1],
                 stride_dxd=dx_strides[2], cols_per_split=plan["cols_per_split"], neg_t_log2e_ptr=_neg_t_log2e(t, x),
                 D_PADDED=padded_width(d), SPLIT_PRODUCT=x.dtype in (torch.float16, torch.bfloat16),

@@ -56,7 +56,7 @@ from torch import Tensor
 from ... import _validation as V
 from ._common import (LN2, LOG2E_C, NEG_BIG, _row_slice_program, _similarity_tiles, acc_dtype, autotuned,
                       check_matrix, check_same, check_scale, kernel_dtypes, launch, merge_partial_lse2,
-                      padded_width, plan_backward, plan_forward, tile_config)
+                      padded_width, plan_backward, plan_forward, tile_config, tune_bucket)
 
 # ------------------------------------------------------------------------------------ GPU configs
 # sm_90 (H100/H200): 64-128 wide tiles, K slices of 32-128 staged through shared memory by the
@@ -188,6 +188,7 @@ def _softmax_ce_fwd_kernel(
     col_max_ptr, col_sum_ptr,                  # [groups, M] partial column statistics (HAS_COL)
     diag_ptr,                                  # [N] t_ii = s log2(e) <q_i, k_(i + pos_off)>
     N, M, D, pos_off,                          # the positive of row i is column i + pos_off
+    N_BUCKET, M_BUCKET,                        # autotune keys only (tune_bucket)
     stride_qn, stride_qd, stride_qmn, stride_qmd, stride_kn, stride_kd,
     rows_per_group, cols_per_split,
     D_PADDED: tl.constexpr, HAS_SOFT: tl.constexpr, HAS_COL: tl.constexpr,
@@ -290,6 +291,7 @@ def _softmax_ce_bwd_kernel(
     alpha_ptr,       # [] ITC's distillation weight, in the accumulation dtype (a Python float
                      # argument would reach a compiled kernel as fp32, even for fp64 inputs)
     N, M, D, pos_off,  # the positive of row i is column i + pos_off (none when outside [0, M))
+    N_BUCKET, M_BUCKET,  # autotune keys only (tune_bucket)
     stride_qn, stride_qd, stride_qmn, stride_qmd, stride_kn, stride_kd,
     stride_dqs, stride_dqn, stride_dqd,
     cols_per_split,
@@ -385,6 +387,7 @@ def _info_nce_fwd_grad_kernel(
     diag2_ptr, diag_raw_ptr,                   # [N]: t_ii and s_ii = <q_i, k_(i + pos_off)> from the tiles
     ACC_ptr,                                   # [splits, N, D] fp32/fp64: sum_j exp2(t_ij - max_i) k_j
     N, M, D, pos_off,
+    N_BUCKET, M_BUCKET,                        # autotune keys only (tune_bucket)
     stride_qn, stride_qd, stride_kn, stride_kd,
     stride_as, stride_an, stride_ad,
     cols_per_split,
@@ -448,13 +451,13 @@ def _info_nce_fwd_grad_kernel(
     tl.store(acc_ptrs, acc, mask=row_mask[:, None] & out_mask[None, :])
 
 
-# Tuned per shape (N, M and the padded D), so a small warm-up batch does not fix the config of the real one.
-_softmax_ce_fwd_tuned = autotuned(FORWARD_CONFIGS, ["N", "M", "D_PADDED", "HAS_SOFT", "HAS_COL"])(
+# Tuned per shape (N and M bucketed, the padded D), so a small warm-up batch does not fix the config of the real one.
+_softmax_ce_fwd_tuned = autotuned(FORWARD_CONFIGS, ["N_BUCKET", "M_BUCKET", "D_PADDED", "HAS_SOFT", "HAS_COL"])(
     _softmax_ce_fwd_kernel)
-_softmax_ce_bwd_tuned = autotuned(BACKWARD_CONFIGS, ["N", "M", "D_PADDED", "HAS_OWN", "HAS_OTHER", "HAS_SOFT",
+_softmax_ce_bwd_tuned = autotuned(BACKWARD_CONFIGS, ["N_BUCKET", "M_BUCKET", "D_PADDED", "HAS_OWN", "HAS_OTHER", "HAS_SOFT",
                                                      "COMPUTE_DS"])(_softmax_ce_bwd_kernel)
 # Same register budget as the backward (an fp32 [BLOCK_M, BLOCK_DO] accumulator): same configs.
-_info_nce_fwd_grad_tuned = autotuned(BACKWARD_CONFIGS, ["N", "M", "D_PADDED"])(_info_nce_fwd_grad_kernel)
+_info_nce_fwd_grad_tuned = autotuned(BACKWARD_CONFIGS, ["N_BUCKET", "M_BUCKET", "D_PADDED"])(_info_nce_fwd_grad_kernel)
 
 
 # ------------------------------------------------------------------------------------------ launchers
@@ -483,7 +486,7 @@ def softmax_ce_forward(q: Tensor, k: Tensor, scale: Tensor, *, q_m: Optional[Ten
         row_max_ptr=row_max, row_sum_ptr=row_sum,
         soft_max_ptr=soft[0], soft_sum_ptr=soft[1], soft_dot_ptr=soft[2],
         col_max_ptr=cols[0], col_sum_ptr=cols[1], diag_ptr=diag2,
-        N=n, M=m, D=d, pos_off=pos_off,
+        N=n, M=m, D=d, pos_off=pos_off, N_BUCKET=tune_bucket(n), M_BUCKET=tune_bucket(m),
         stride_qn=q.stride(0), stride_qd=q.stride(1), stride_qmn=q_m_arg.stride(0),
         stride_qmd=q_m_arg.stride(1), stride_kn=k.stride(0), stride_kd=k.stride(1),
         rows_per_group=plan["rows_per_group"], cols_per_split=plan["cols_per_split"],
@@ -536,7 +539,7 @@ def softmax_ce_backward(q: Tensor, k: Tensor, scale: Tensor, coef: Tensor, *,
         soft_lse_ptr=soft_lse2 if has_soft else any_stat,
         DQ_ptr=dq, ds_rows_ptr=ds_rows,
         alpha_ptr=torch.full((), float(alpha), dtype=acc, device=q.device),
-        N=n, M=m, D=d, pos_off=pos_off,
+        N=n, M=m, D=d, pos_off=pos_off, N_BUCKET=tune_bucket(n), M_BUCKET=tune_bucket(m),
         stride_qn=q.stride(0), stride_qd=q.stride(1), stride_qmn=q_m_arg.stride(0),
         stride_qmd=q_m_arg.stride(1), stride_kn=k.stride(0), stride_kd=k.stride(1),
         stride_dqs=dq_strides[0], stride_dqn=dq_strides[1], stride_dqd=dq_strides[2],
@@ -614,7 +617,7 @@ def info_nce_forward_with_grad(a: Tensor, b: Tensor, scale: Tensor, offset: int 
         Q_ptr=a, K_ptr=b, scale_ptr=scale,
         part_max_ptr=part_max, part_sum_ptr=part_sum, part_dot_ptr=part_dot,
         diag2_ptr=diag2, diag_raw_ptr=diag_raw, ACC_ptr=accum,
-        N=n, M=m, D=d, pos_off=offset,
+        N=n, M=m, D=d, pos_off=offset, N_BUCKET=tune_bucket(n), M_BUCKET=tune_bucket(m),
         stride_qn=a.stride(0), stride_qd=a.stride(1), stride_kn=b.stride(0), stride_kd=b.stride(1),
         stride_as=accum.stride(0), stride_an=accum.stride(1), stride_ad=accum.stride(2),
         cols_per_split=plan["cols_per_split"],
