@@ -255,6 +255,20 @@ def test_hard_negatives_follow_softmax_and_skip_positives():
     assert (draws != torch.arange(4)).all()
 
 
+def test_hard_negatives_at_a_large_scale_keep_to_the_allowed_columns():
+    """Logits 100 x cosine: a row's own pair dominates so far that softmax weights of the others
+    underflow to 0 in fp32. The draw must still be the most similar allowed column (the limit of the
+    softmax), never a same-id column, and never uniform noise."""
+    sim = 100.0 * torch.tensor([[1.0, 0.9, -0.5, -0.6, -0.7], [0.9, 1.0, -0.5, -0.6, -0.7],
+                                [-0.5, -0.5, 1.0, -0.2, -0.9], [-0.6, -0.6, -0.2, 1.0, -0.8],
+                                [-0.6, -0.8, -0.9, -0.85, 1.0]])
+    ids = torch.tensor([0, 0, 1, 2, 3])  # rows 0 and 1 describe the same image
+    assert (torch.softmax(sim, 1).masked_fill(ids[:, None] == ids[None, :], 0).sum(1)[:2] == 0).all()
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([_sample_hard_negatives(sim, ids, ids, g) for _ in range(50)])
+    assert (draws == torch.tensor([2, 2, 3, 2, 0])).all()
+
+
 def test_sharded_draws_are_the_rows_of_the_global_draws():
     """Data parallel: a rank holding rows r n .. (r + 1) n draws its hard negatives and MLM masks as
     the single process draws them for those rows."""

@@ -331,29 +331,33 @@ class ALBEF(nn.Module):
 
 def _sample_hard_negatives(similarity: Tensor, row_ids: Optional[Tensor], col_ids: Optional[Tensor],
                            generator: torch.Generator, first_row: int = 0) -> Tensor:
-    """For each row, one column drawn with probability ``softmax(similarity)`` with the row's own pair
-    (and same-id columns) zeroed; a row left with no candidate falls back to uniform over the others.
+    """For each row, one column drawn with probability ``softmax(similarity)`` over the columns that are
+    neither the row's own pair nor of its pair id; a row with no such column draws uniformly among the
+    others (same-id ones then, as nothing else is left).
 
     ``similarity``: ``[b, M]``, rows ``first_row .. first_row + b`` of a global batch of ``M`` pairs
     (``first_row = 0, M = b``: a single process), so row ``i``'s own pair is column ``first_row + i``.
     ``row_ids`` / ``col_ids``: the pair ids of the rows and of the columns, or ``None``.
-    Gumbel-max sampling with noise drawn on the CPU for the whole ``M x M`` batch, of which these rows
-    keep theirs: the same draw as ``torch.multinomial`` in law, no device-to-host copy, the same
-    numbers on every device and for every split of the batch over ranks.
+    Gumbel-max sampling on the masked logits themselves (not the log of softmax weights, which underflow
+    to 0 at a large scale and would leave a row with no candidate), with noise drawn on the CPU for the
+    whole ``M x M`` batch, of which these rows keep theirs: the same draw as ``torch.multinomial`` in
+    law, no device-to-host copy, the same numbers on every device and for every split of the batch
+    over ranks.
     """
     b, total = similarity.shape
     device = similarity.device
-    weights = F.softmax(similarity.float(), dim=1)
     own = torch.zeros(b, total, dtype=torch.bool, device=device)
     own[torch.arange(b, device=device), first_row + torch.arange(b, device=device)] = True
     exclude = own
     if row_ids is not None:
         exclude = exclude | (row_ids.to(device)[:, None] == col_ids.to(device)[None, :])
-    weights = weights.masked_fill(exclude, 0.0)
-    weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, (~own).float())
+    logits = similarity.float().masked_fill(exclude, float("-inf"))
+    # no candidate left: uniform over every column but the own pair
+    uniform = torch.zeros_like(logits).masked_fill(own, float("-inf"))
+    logits = torch.where((~exclude).any(1, keepdim=True), logits, uniform)
     u = torch.rand(total, total, generator=generator)[first_row:first_row + b]
     gumbel = -torch.log(-torch.log(u.clamp_(1e-12, 1.0 - 1e-7).to(device)))
-    return torch.argmax(torch.log(weights) + gumbel, dim=1)
+    return torch.argmax(logits + gumbel, dim=1)
 
 
 def mask_tokens(text: Tensor, config: ALBEFConfig, generator: torch.Generator,
