@@ -46,10 +46,18 @@ def check_tensor(name: str, x) -> Tensor:
     return x
 
 
+def is_int(value) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def as_number(name: str, value) -> float:
     """A real scalar argument (Python or NumPy number) as a Python float; anything else is a TypeError."""
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int past float's range
+            raise ValueError(f"{name}: {str(value)[:20]}... is too large for a float") from None
     if isinstance(value, Tensor):
         raise TypeError(f"{name}: expected a Python number, got a Tensor of shape {tuple(value.shape)} "
                         f"(pass float(...) of it)")
@@ -116,9 +124,10 @@ def check_scale(logit_scale, like: Tensor) -> Tensor:
                              f"at 100), got {value!r}")
 
     if isinstance(logit_scale, numbers.Real) and not isinstance(logit_scale, bool):
-        check_value(float(logit_scale))
+        value = as_number("logit_scale", logit_scale)
+        check_value(value)
         compute = torch.float64 if like.dtype == torch.float64 else torch.float32
-        return torch.tensor(float(logit_scale), device=like.device, dtype=compute)
+        return torch.tensor(value, device=like.device, dtype=compute)
     if not isinstance(logit_scale, Tensor):
         raise TypeError(f"logit_scale: expected a scalar tensor or a number, got {type(logit_scale).__name__}")
     check_tensor("logit_scale", logit_scale)
@@ -146,6 +155,7 @@ def check_logit_bias(logit_bias, like: Tensor) -> None:
     if not isinstance(logit_bias, Tensor):
         raise TypeError(f"logit_bias: expected None, a number or a scalar tensor, got {type(logit_bias).__name__}")
     check_tensor("logit_bias", logit_bias)
+    check_tensor("image_features", like)  # read below, before the loss validates the features
     if logit_bias.numel() != 1:
         raise ValueError(f"logit_bias: expected a scalar (one element): a bias that differs between logits "
                          f"changes the contrastive loss, which this loss does not model; got shape "

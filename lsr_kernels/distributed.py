@@ -761,6 +761,8 @@ def _start(call: str, tensors: Dict[str, object], settings: Dict[str, object], v
     Only a missing process group raises at once (no collective is possible). Everything else, a
     ``world_size`` or ``rank`` that disagrees with the group included, is this rank's local error,
     settled in :func:`agree_across_ranks` so that every rank raises together."""
+    if group is not None and not isinstance(group, dist.ProcessGroup):  # before any collective reads it
+        raise TypeError(f"group: expected a torch.distributed ProcessGroup or None, got {type(group).__name__}")
     if not _initialised():
         raise ValueError(f"{'world_size = ' + str(world_size) + ': ' if world_size is not None else ''}"
                          f"torch.distributed is not initialised. Call torch.distributed.init_process_group(...) "
@@ -768,6 +770,9 @@ def _start(call: str, tensors: Dict[str, object], settings: Dict[str, object], v
     world, actual_rank = dist.get_world_size(group), dist.get_rank(group)
     local_error, validated = None, None
     try:
+        for name, value in (("world_size", world_size), ("rank", rank)):
+            if value is not None and not V.is_int(value):
+                raise TypeError(f"{name}: expected an int or None, got {type(value).__name__} {value!r}")
         if world_size is not None:
             check_process_group(world_size, group)
         if rank is not None and rank != actual_rank:

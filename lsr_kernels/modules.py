@@ -8,7 +8,6 @@ every loss computes this rank's rows against all ranks' columns through :mod:`ls
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import torch
@@ -19,10 +18,6 @@ from . import backends, distributed, functional
 from . import _validation as V
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 class _DistributedArgs(nn.Module):
     """open_clip's distributed arguments, shared by the three losses."""
 
@@ -30,9 +25,9 @@ class _DistributedArgs(nn.Module):
                  world_size: int, use_horovod: bool, backend: str, distributed_mode: str = "gather",
                  process_group=None):
         super().__init__()
-        if not _is_int(world_size) or world_size < 1:
+        if not V.is_int(world_size) or world_size < 1:
             raise ValueError(f"world_size: expected an int >= 1, got {world_size!r}")
-        if not _is_int(rank) or not 0 <= rank < world_size:
+        if not V.is_int(rank) or not 0 <= rank < world_size:
             raise ValueError(f"rank: expected an int in [0, world_size = {world_size}), got {rank!r}")
         if backend not in backends.BACKENDS:  # at construction, not at the first step
             raise ValueError(f"backend: expected one of {backends.BACKENDS}, got {backend!r}")
@@ -208,9 +203,9 @@ class FeatureQueue(nn.Module):
     def __init__(self, size: int, dim: int, dtype: torch.dtype = torch.float32,
                  device: Optional[torch.device] = None, generator: Optional[torch.Generator] = None):
         super().__init__()
-        if not _is_int(size) or size < 1:
+        if not V.is_int(size) or size < 1:
             raise ValueError(f"size: expected an int >= 1, got {size!r}")
-        if not _is_int(dim) or dim < 1:
+        if not V.is_int(dim) or dim < 1:
             raise ValueError(f"dim: expected an int >= 1, got {dim!r}")
         if dtype not in V.FLOAT_DTYPES:
             raise TypeError(f"dtype: expected one of {V.FLOAT_DTYPES} (the queue holds features), got {dtype!r}")

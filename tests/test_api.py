@@ -256,6 +256,25 @@ def test_bad_device_names_argument():
         lsr_kernels.clip_loss(v, v, torch.tensor(1.0, device="meta"), backend="reference")
 
 
+def test_bad_features_next_to_a_tensor_logit_bias_name_the_features():
+    v = unit_rows(4, 3)
+    with pytest.raises(TypeError, match=r"image_features: expected a torch.Tensor, got NoneType"):
+        lsr_kernels.ClipLoss()(None, v, 10.0, torch.tensor(1.0))
+    with pytest.raises(TypeError, match=r"image_features: expected a torch.Tensor, got list"):
+        lsr_kernels.ClipLoss()(v.tolist(), v, 10.0, torch.zeros(2))
+
+
+@pytest.mark.parametrize("kw,name", [(dict(logit_scale=10**400), "logit_scale"), (dict(sep_weight=10**400), "sep_weight"),
+                                     (dict(uniformity_t=10**400), "uniformity_t")])
+def test_integers_past_floats_range_name_the_argument(kw, name):
+    v = unit_rows(4, 3)
+    kw = {"logit_scale": 10.0, **weights_only(), **kw}
+    with pytest.raises(ValueError, match=rf"^{name}: 1000000.* is too large for a float"):
+        lsr_kernels.lsr_loss(v, v, kw.pop("logit_scale"), backend="reference", **kw)
+    with pytest.raises(ValueError, match=r"^alpha: 1000000.* is too large for a float"):
+        lsr_kernels.itc_loss(v, v, v, v, 10.0, alpha=10**400, backend="reference")
+
+
 def test_kernel_backend_on_cpu_tensors_names_the_api_argument(monkeypatch):
     """An explicit triton/cuda backend on CPU features is refused before any primitive runs, naming the
     argument the caller passed (not a primitive's operand)."""

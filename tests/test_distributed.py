@@ -430,6 +430,15 @@ def _job_bad_setups(rank, world):
                   lambda: itc(v, t, vm, tm, torch.tensor(5.0)) if rank == 0 else clip(),
                   r"ranks called different losses \(rank 0: itc, rank 1: clip\)")
     _aligned("after different calls")
+    v, t = unit_rows(3, 4), unit_rows(3, 4)
+    _expect_error("world_size as a string on one rank",
+                  lambda: D.clip_loss(v, t, 5.0, world_size="2" if rank == 0 else None),
+                  r"world_size: expected an int or None, got str '2'" if rank == 0
+                  else r"rank\(s\) \[0\] rejected their inputs", exc=TypeError if rank == 0 else ValueError)
+    _aligned("after a string world_size")
+    _expect_error("group that is not a process group", lambda: D.clip_loss(v, t, 5.0, group="default"),
+                  r"group: expected a torch.distributed ProcessGroup or None, got str", exc=TypeError)
+    _aligned("after a string group")
     queue = FeatureQueue(5, 4)
     _expect_error("different enqueue sizes", lambda: queue.enqueue_gathered(unit_rows(2 + rank, 4)),
                   r"local batch sizes differ across ranks: rows has N")
