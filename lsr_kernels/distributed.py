@@ -93,6 +93,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends, composite, reference
+from .backends.chunked import exp_sums, merge_exp_sums
 from . import _validation as V
 
 __all__ = ["MODES", "check_process_group", "agree_across_ranks", "gather_features", "all_reduce_sum",
@@ -451,8 +452,9 @@ class _RowTerms(torch.autograd.Function):
     ring pass serves them all). Returns a ``[P]`` vector: each ``nce`` pair's mean over local rows
     of ``LSE_j X_ij - X_i,rn+i`` (``X = s a B^T``), each ``gram`` pair's ``S_r``.
 
-    Forward: per tile ``logits = s (a_R @ B_C^T)``, the row log-sum-exp merged across tiles and
-    blocks (``logaddexp``); positives from the local block (``<a_i, b_i>``, rank-local). Saved: the
+    Forward: per tile ``logits = s (a_R @ B_C^T)``, each row's max and sum of exponentials merged
+    across tiles and blocks, kept apart until the loss (``chunked.exp_sums``); positives from the
+    local block (``<a_i, b_i>``, rank-local). Saved: the
     inputs and one ``[n]`` LSE per nce pair (and, in gather mode, the gathered columns).
     Backward, per nce pair with ``w = g / n``: ``P = exp(logits - lse)``;
     ``da = w s (P B - b_pos)``, ``dB = w s (P^T a - a_pos)`` (returned to the block's owner: a
@@ -489,8 +491,9 @@ class _RowTerms(torch.autograd.Function):
         tile_rows, tile_cols = _tile_shape(n, n, device)
         wide = {i: tensors[i].to(acc) for kind, i, _, _ in spec.pairs if kind == "gram"}
         sq_norms = {i: x.square().sum(1) for i, x in wide.items()}
-        lse = {p: torch.full((n,), float("-inf"), dtype=acc, device=device)
-               for p, (kind, _, _, _) in enumerate(spec.pairs) if kind == "nce"}
+        # per nce pair: each row's (top, total) of its logits, kept apart (see chunked.exp_sums)
+        stats = {p: (torch.full((n,), float("-inf"), dtype=acc, device=device), torch.zeros(n, dtype=acc, device=device))
+                 for p, (kind, _, _, _) in enumerate(spec.pairs) if kind == "nce"}
         totals = {p: torch.zeros((), dtype=acc, device=device)
                   for p, (kind, _, _, _) in enumerate(spec.pairs) if kind == "gram"}
 
@@ -505,12 +508,13 @@ class _RowTerms(torch.autograd.Function):
             for p, (kind, row, col, t) in enumerate(spec.pairs):
                 cols = block[spec.slot[col]]
                 if kind == "nce":
-                    a = tensors[row]
+                    a, (top, total) = tensors[row], stats[p]
                     for i0 in range(0, n, tile_rows):
                         i1 = min(i0 + tile_rows, n)
                         for j0 in range(0, n, tile_cols):
                             logits = _product(a[i0:i1], cols[j0:j0 + tile_cols], acc).mul_(s)
-                            lse[p][i0:i1] = torch.logaddexp(lse[p][i0:i1], torch.logsumexp(logits, 1))
+                            top[i0:i1], total[i0:i1] = merge_exp_sums(top[i0:i1], total[i0:i1],
+                                                                      *exp_sums(logits, 1))
                 else:
                     x, sq = wide[row], sq_norms[row]
                     cols_wide = cols.to(acc)
@@ -524,11 +528,14 @@ class _RowTerms(torch.autograd.Function):
                 _wait(pending)
                 current = incoming
 
-        out = []
+        out, lse = [], {}
         for p, (kind, row, col, _) in enumerate(spec.pairs):
             if kind == "nce":
                 positives = _positive_cosines(tensors[row], tensors[col], acc)
-                out.append((lse[p] - s * positives).mean())
+                top, total = stats[p]
+                log_total = total.log()
+                lse[p] = top + log_total
+                out.append(((top - s * positives) + log_total).mean())
             else:
                 out.append(totals[p])
         ctx.save_for_backward(scale, *tensors)

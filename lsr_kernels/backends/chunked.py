@@ -44,7 +44,7 @@ a compiled model, with their hand-written backward.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -140,18 +140,21 @@ def _exp_(x: Tensor) -> Tensor:
     return x.clamp_(min=_EXP_FLOOR[x.dtype]).exp_()
 
 
-def _logsumexp(x: Tensor, dim: int, scratch: Tensor) -> Tensor:
-    """``logsumexp(x, dim)`` with ``scratch`` (same shape, contiguous) as workspace; ``x`` is kept."""
-    shift = x.amax(dim, keepdim=True)
-    shift.masked_fill_(shift.isinf(), 0.0)  # all -inf stays -inf, any +inf gives +inf: no nan
-    return _exp_(torch.sub(x, shift, out=scratch)).sum(dim).log_().add_(shift.squeeze(dim))
+def exp_sums(x: Tensor, dim: int, scratch: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """``(top, total)``: the max of ``x`` along ``dim`` and ``sum exp(x - top)``, kept apart so that a
+    loss ``log(total) + (top - x_pos)`` never subtracts two numbers of the logits' size (``top + log
+    total`` rounds ``log total`` to the precision of ``s``: a loss near 0 came out negative).
+    ``scratch`` (same shape, contiguous) keeps ``x``; without it ``x`` is overwritten (its last use)."""
+    top = x.amax(dim, keepdim=True)
+    top.masked_fill_(top.isinf(), 0.0)  # all -inf stays -inf, any +inf gives +inf: no nan
+    work = x.sub_(top) if scratch is None else torch.sub(x, top, out=scratch)
+    return top.squeeze(dim), _exp_(work).sum(dim)
 
 
-def _logsumexp_(x: Tensor, dim: int) -> Tensor:
-    """``logsumexp(x, dim)``, overwriting ``x`` (its last use) instead of needing scratch."""
-    shift = x.amax(dim, keepdim=True)
-    shift.masked_fill_(shift.isinf(), 0.0)
-    return _exp_(x.sub_(shift)).sum(dim).log_().add_(shift.squeeze(dim))
+def merge_exp_sums(top: Tensor, total: Tensor, new_top: Tensor, new_total: Tensor) -> Tuple[Tensor, Tensor]:
+    """Merge two ``(top, total)`` statistics of :func:`exp_sums` (``(-inf, 0)`` is the empty one)."""
+    merged = torch.maximum(top, new_top)
+    return merged, total * (top - merged).exp() + new_total * (new_top - merged).exp()
 
 
 def _scale_as(scale: Tensor, wide: torch.dtype) -> Tensor:
@@ -202,8 +205,7 @@ class _InfoNCEEager(torch.autograd.Function):
         dev, wide = a.device, a.dtype
         s = _scale_as(scale, wide)
         need_a, need_b, need_scale = ctx.needs_input_grad[:3]
-        row_lse = torch.empty(n, dtype=wide, device=dev)
-        positives = torch.empty(n, dtype=wide, device=dev)
+        row_excess = torch.empty(n, dtype=wide, device=dev)  # lse_i - X_i,pos
         grad_a = torch.empty_like(a, memory_format=torch.contiguous_format) if need_a else None
         grad_b = torch.zeros(b.shape, dtype=wide, device=dev) if need_b else None
         logits_buf = torch.empty(block * m, dtype=wide, device=dev)
@@ -213,12 +215,12 @@ class _InfoNCEEager(torch.autograd.Function):
             i1 = min(i0 + block, n)
             a_blk = a[i0:i1]
             logits = _logits(a_blk, b_t, s, _tile(logits_buf, i1 - i0, m), None)
-            positives[i0:i1] = logits.diagonal(offset=offset + i0)
+            positive = logits.diagonal(offset=offset + i0).clone()
             shift = logits.amax(1, keepdim=True)
             shift.masked_fill_(shift.isinf(), 0.0)
             p = _exp_(logits.sub_(shift))  # exp(X - max), in place: X is not needed again
             total = p.sum(1)
-            row_lse[i0:i1] = total.log().add_(shift.squeeze(1))
+            row_excess[i0:i1] = (shift.squeeze(1) - positive).add_(total.log())  # (see exp_sums)
             h = p.div_(total[:, None])
             h.diagonal(offset=offset + i0).sub_(1.0)
             h.mul_(weight)
@@ -231,7 +233,7 @@ class _InfoNCEEager(torch.autograd.Function):
             grad_s = _scale_grad_from_features(b, grad_b, s) if need_b else _scale_grad_from_features(a, grad_a, s)
         ctx.save_for_backward(grad_a, grad_b, grad_s)
         ctx.scale_meta = (scale.dtype, scale.shape)
-        return (row_lse - positives).mean()
+        return row_excess.mean()
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
@@ -251,8 +253,11 @@ class _InfoNCE(torch.autograd.Function):
         dev = a.device
         s = _scale_as(scale, wide)
         row_lse = torch.empty(n, dtype=wide, device=dev)
+        row_excess = torch.empty(n, dtype=wide, device=dev)  # lse_i - X_i,pos (see exp_sums)
         positives = torch.empty(n, dtype=wide, device=dev)
-        col_lse = torch.full((n,), float("-inf"), dtype=wide, device=dev) if symmetric else None
+        # the column direction's (top, total), merged over row blocks
+        col_top = torch.full((n,), float("-inf"), dtype=wide, device=dev) if symmetric else None
+        col_total = torch.zeros(n, dtype=wide, device=dev) if symmetric else None
 
         logits_buf = torch.empty(block * m, dtype=wide, device=dev)
         scratch_buf = torch.empty(block * m, dtype=wide, device=dev)
@@ -263,13 +268,19 @@ class _InfoNCE(torch.autograd.Function):
             rows = i1 - i0
             logits = _logits(a[i0:i1], b_t, s, _tile(logits_buf, rows, m), lp_buf)
             positives[i0:i1] = logits.diagonal(offset=offset + i0)
-            row_lse[i0:i1] = _logsumexp(logits, 1, _tile(scratch_buf, rows, m))
-            if symmetric:  # the column direction from the same tile, merged over blocks
-                col_lse = torch.logaddexp(col_lse, _logsumexp_(logits, 0))
+            top, total = exp_sums(logits, 1, _tile(scratch_buf, rows, m))
+            log_total = total.log()
+            row_lse[i0:i1] = top + log_total
+            row_excess[i0:i1] = (top - positives[i0:i1]).add_(log_total)
+            if symmetric:  # the column direction from the same tile (its last use), merged over blocks
+                col_top, col_total = merge_exp_sums(col_top, col_total, *exp_sums(logits, 0))
 
-        loss = (row_lse - positives).mean()
+        loss = row_excess.mean()
+        col_lse = None
         if symmetric:
-            loss = (loss + (col_lse - positives).mean()) / 2
+            log_total = col_total.log()
+            col_lse = col_top + log_total
+            loss = (loss + (col_top - positives).add_(log_total).mean()) / 2
         ctx.save_for_backward(a, b, scale, row_lse, col_lse)
         ctx.symmetric, ctx.offset, ctx.block = symmetric, offset, block
         return loss
@@ -436,9 +447,9 @@ class _ITCSoftCE(torch.autograd.Function):
         dev = q.device
         s = _scale_as(scale, wide)
         distill = alpha > 0.0  # alpha = 0: one-hot targets, the momentum logits are never needed
-        lse = torch.empty(n, dtype=wide, device=dev)
+        top, log_total = torch.empty(n, dtype=wide, device=dev), torch.empty(n, dtype=wide, device=dev)
         lse_m = torch.empty(n, dtype=wide, device=dev) if distill else None
-        soft_dot = torch.empty(n, dtype=wide, device=dev)  # sum_j softmax(X_m)_ij X_ij
+        soft_gap = torch.empty(n, dtype=wide, device=dev)  # sum_j softmax(X_m)_ij (top_i - X_ij)
         positives = torch.empty(n, dtype=wide, device=dev)
 
         size = block * col_block
@@ -448,40 +459,50 @@ class _ITCSoftCE(torch.autograd.Function):
         for i0 in range(0, n, block):
             i1 = min(i0 + block, n)
             rows = i1 - i0
-            run_lse = torch.full((rows,), float("-inf"), dtype=wide, device=dev)
+            run_top = torch.full((rows,), float("-inf"), dtype=wide, device=dev)  # (see exp_sums)
+            run_total = torch.zeros(rows, dtype=wide, device=dev)
             # Soft-target statistics, online over column blocks: running max of X_m, sum of
-            # exp(X_m - max), and sum of exp(X_m - max) X; rescaled together when the max moves.
+            # exp(X_m - max), and sum of exp(X_m - max) (top - X) against the running top of X (so the
+            # loss never subtracts numbers of the logits' size, see exp_sums); rescaled together
+            # when the max moves, lifted when the top does.
             run_max = torch.full((rows,), float("-inf"), dtype=wide, device=dev)
             run_sum = torch.zeros(rows, dtype=wide, device=dev)
-            run_dot = torch.zeros(rows, dtype=wide, device=dev)
+            run_gap = torch.zeros(rows, dtype=wide, device=dev)
             for j0 in range(0, m, col_block):
                 j1 = min(j0 + col_block, m)
                 cols = j1 - j0
                 bank_t = bank[j0:j1].T
                 logits = _logits(q[i0:i1], bank_t, s, _tile(logits_buf, rows, cols), lp_buf)
                 second = _tile(second_buf, rows, cols)
+                _take_positives(logits, i0, i1, j0, j1, positives)
+                prev_top = run_top
+                run_top, run_total = merge_exp_sums(run_top, run_total, *exp_sums(logits, 1, second))
                 if distill:
                     weights = _logits(q_m[i0:i1], bank_t, s, second, lp_buf)
                     new_max = torch.maximum(run_max, weights.amax(1))
                     new_max.masked_fill_(new_max == float("-inf"), 0.0)  # a row of -inf: no nan
                     rescale = (run_max - new_max).exp_()
                     _exp_(weights.sub_(new_max[:, None]))
-                    run_sum = run_sum * rescale + weights.sum(1)
-                    run_dot = run_dot * rescale + weights.mul_(logits).sum(1)
+                    lift = torch.where(prev_top == float("-inf"), 0.0, run_top - prev_top)
+                    gap = logits.neg_().add_(run_top[:, None])  # top - X, in place: X's last use
+                    weight_sum = weights.sum(1)
+                    run_gap = (run_gap + run_sum * lift) * rescale + weights.mul_(gap).sum(1)
+                    run_sum = run_sum * rescale + weight_sum
                     run_max = new_max
-                _take_positives(logits, i0, i1, j0, j1, positives)
-                run_lse = torch.logaddexp(run_lse, _logsumexp(logits, 1, second))
-            lse[i0:i1] = run_lse
+            top[i0:i1] = run_top
+            log_total[i0:i1] = run_total.log()
             if distill:
                 lse_m[i0:i1] = run_max + run_sum.log()
-                soft_dot[i0:i1] = run_dot / run_sum
+                soft_gap[i0:i1] = run_gap / run_sum
 
-        # -sum_j Y_ij log P_ij = lse_i - sum_j Y_ij X_ij, as the targets sum to one
-        row_loss = lse
+        # -sum_j Y_ij log P_ij = lse_i - sum_j Y_ij X_ij, as the targets sum to one; lse_i = top_i +
+        # log_total_i, each X against top_i (see exp_sums)
+        row_loss = log_total
         if distill:
-            row_loss = row_loss - alpha * soft_dot
+            row_loss = row_loss + alpha * soft_gap
         if alpha < 1.0:
-            row_loss = row_loss - (1.0 - alpha) * positives
+            row_loss = row_loss + (1.0 - alpha) * (top - positives)
+        lse = top + log_total
         ctx.save_for_backward(q, q_m, bank, scale, lse, lse_m)
         ctx.alpha, ctx.block, ctx.col_block = alpha, block, col_block
         return row_loss.mean()
