@@ -57,7 +57,7 @@ def as_number(name: str, value) -> float:
         try:
             return float(value)
         except OverflowError:  # an int past float's range
-            raise ValueError(f"{name}: {str(value)[:20]}... is too large for a float") from None
+            raise ValueError(f"{name}: an integer of {int(value).bit_length()} bits is too large for a float") from None
     if isinstance(value, Tensor):
         raise TypeError(f"{name}: expected a Python number, got a Tensor of shape {tuple(value.shape)} "
                         f"(pass float(...) of it)")

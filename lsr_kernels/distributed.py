@@ -93,7 +93,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends, composite, reference
-from .backends.chunked import exp_sums, merge_exp_sums
+from .backends.chunked import exp_sums, merge_exp_sums, take_positives
 from . import _validation as V
 
 __all__ = ["MODES", "check_process_group", "agree_across_ranks", "gather_features", "all_reduce_sum",
@@ -428,7 +428,7 @@ def _product(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
 
 def _positive_cosines(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
     """``<a_i, b_i>`` rounded as the tiles' matmul rounds it (to the inputs' dtype): the positives'
-    terms then cancel consistently against the tiles' in the loss and in ``ds``."""
+    terms then cancel consistently against the tiles' in ``ds``."""
     dots = (a.to(acc) * b.to(acc)).sum(1)
     return dots if a.dtype == acc else dots.to(a.dtype).to(acc)
 
@@ -453,9 +453,9 @@ class _RowTerms(torch.autograd.Function):
     of ``LSE_j X_ij - X_i,rn+i`` (``X = s a B^T``), each ``gram`` pair's ``S_r``.
 
     Forward: per tile ``logits = s (a_R @ B_C^T)``, each row's max and sum of exponentials merged
-    across tiles and blocks, kept apart until the loss (``chunked.exp_sums``); positives from the
-    local block (``<a_i, b_i>``, rank-local). Saved: the
-    inputs and one ``[n]`` LSE per nce pair (and, in gather mode, the gathered columns).
+    across tiles and blocks, kept apart until the loss (``chunked.exp_sums``); positives read from
+    the local block's tiles (``s <a_i, b_i>``, rank-local). Saved: the inputs and one ``[n]`` LSE per
+    nce pair (and, in gather mode, the gathered columns).
     Backward, per nce pair with ``w = g / n``: ``P = exp(logits - lse)``;
     ``da = w s (P B - b_pos)``, ``dB = w s (P^T a - a_pos)`` (returned to the block's owner: a
     reduce-scatter in gather mode, the travelling accumulator in ring mode), ``ds = w (sum P (a B^T)
@@ -491,8 +491,10 @@ class _RowTerms(torch.autograd.Function):
         tile_rows, tile_cols = _tile_shape(n, n, device)
         wide = {i: tensors[i].to(acc) for kind, i, _, _ in spec.pairs if kind == "gram"}
         sq_norms = {i: x.square().sum(1) for i, x in wide.items()}
-        # per nce pair: each row's (top, total) of its logits, kept apart (see chunked.exp_sums)
-        stats = {p: (torch.full((n,), float("-inf"), dtype=acc, device=device), torch.zeros(n, dtype=acc, device=device))
+        # per nce pair: each row's (top, total) of its logits, kept apart (see chunked.exp_sums), and
+        # its positive logit, read from the local block's tiles so that top - positive >= 0 exactly
+        stats = {p: (torch.full((n,), float("-inf"), dtype=acc, device=device), torch.zeros(n, dtype=acc, device=device),
+                     torch.empty(n, dtype=acc, device=device))
                  for p, (kind, _, _, _) in enumerate(spec.pairs) if kind == "nce"}
         totals = {p: torch.zeros((), dtype=acc, device=device)
                   for p, (kind, _, _, _) in enumerate(spec.pairs) if kind == "gram"}
@@ -508,11 +510,13 @@ class _RowTerms(torch.autograd.Function):
             for p, (kind, row, col, t) in enumerate(spec.pairs):
                 cols = block[spec.slot[col]]
                 if kind == "nce":
-                    a, (top, total) = tensors[row], stats[p]
+                    a, (top, total, positives) = tensors[row], stats[p]
                     for i0 in range(0, n, tile_rows):
                         i1 = min(i0 + tile_rows, n)
                         for j0 in range(0, n, tile_cols):
                             logits = _product(a[i0:i1], cols[j0:j0 + tile_cols], acc).mul_(s)
+                            if owner == spec.rank:
+                                take_positives(logits, i0, i1, j0, min(j0 + tile_cols, n), positives)
                             top[i0:i1], total[i0:i1] = merge_exp_sums(top[i0:i1], total[i0:i1],
                                                                       *exp_sums(logits, 1))
                 else:
@@ -531,11 +535,10 @@ class _RowTerms(torch.autograd.Function):
         out, lse = [], {}
         for p, (kind, row, col, _) in enumerate(spec.pairs):
             if kind == "nce":
-                positives = _positive_cosines(tensors[row], tensors[col], acc)
-                top, total = stats[p]
+                top, total, positives = stats[p]
                 log_total = total.log()
                 lse[p] = top + log_total
-                out.append(((top - s * positives) + log_total).mean())
+                out.append(((top - positives) + log_total).mean())
             else:
                 out.append(totals[p])
         ctx.save_for_backward(scale, *tensors)

@@ -269,10 +269,10 @@ def test_bad_features_next_to_a_tensor_logit_bias_name_the_features():
 def test_integers_past_floats_range_name_the_argument(kw, name):
     v = unit_rows(4, 3)
     kw = {"logit_scale": 10.0, **weights_only(), **kw}
-    with pytest.raises(ValueError, match=rf"^{name}: 1000000.* is too large for a float"):
+    with pytest.raises(ValueError, match=rf"^{name}: an integer of 1329 bits is too large for a float"):
         lsr_kernels.lsr_loss(v, v, kw.pop("logit_scale"), backend="reference", **kw)
-    with pytest.raises(ValueError, match=r"^alpha: 1000000.* is too large for a float"):
-        lsr_kernels.itc_loss(v, v, v, v, 10.0, alpha=10**400, backend="reference")
+    with pytest.raises(ValueError, match=r"^alpha: an integer of 16610 bits is too large for a float"):
+        lsr_kernels.itc_loss(v, v, v, v, 10.0, alpha=10**5000, backend="reference")  # (str() refuses it)
 
 
 def test_kernel_backend_on_cpu_tensors_names_the_api_argument(monkeypatch):

@@ -474,7 +474,7 @@ class _ITCSoftCE(torch.autograd.Function):
                 bank_t = bank[j0:j1].T
                 logits = _logits(q[i0:i1], bank_t, s, _tile(logits_buf, rows, cols), lp_buf)
                 second = _tile(second_buf, rows, cols)
-                _take_positives(logits, i0, i1, j0, j1, positives)
+                take_positives(logits, i0, i1, j0, j1, positives)
                 prev_top = run_top
                 run_top, run_total = merge_exp_sums(run_top, run_total, *exp_sums(logits, 1, second))
                 if distill:
@@ -484,7 +484,7 @@ class _ITCSoftCE(torch.autograd.Function):
                     rescale = (run_max - new_max).exp_()
                     _exp_(weights.sub_(new_max[:, None]))
                     lift = torch.where(prev_top == float("-inf"), 0.0, run_top - prev_top)
-                    gap = logits.neg_().add_(run_top[:, None])  # top - X, in place: X's last use
+                    gap = torch.sub(run_top[:, None], logits, out=logits)  # top - X: X's last use
                     weight_sum = weights.sum(1)
                     run_gap = (run_gap + run_sum * lift) * rescale + weights.mul_(gap).sum(1)
                     run_sum = run_sum * rescale + weight_sum
@@ -587,7 +587,7 @@ class _ITCSoftCE(torch.autograd.Function):
         return grad_q, None, None, grad_scale, None, None, None
 
 
-def _take_positives(logits: Tensor, i0: int, i1: int, j0: int, j1: int, positives: Tensor) -> None:
+def take_positives(logits: Tensor, i0: int, i1: int, j0: int, j1: int, positives: Tensor) -> None:
     """Copy ``X_ii`` for the rows of block ``[i0, i1)`` whose positive column ``i`` is in ``[j0, j1)``."""
     lo, hi = max(i0, j0), min(i1, j1)
     if lo < hi:
