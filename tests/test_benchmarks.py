@@ -613,7 +613,7 @@ def test_profile_lists_the_triton_autotuner_choices(monkeypatch):
     picked = next(c for c in softmax_ce.BACKWARD_CONFIGS if c.kwargs["FLATTEN"])
     monkeypatch.setattr(tuned, "cache", {key: picked})
     lines = T.autotune_choices()
-    assert lines == ["_softmax_ce_bwd_kernel N=32768 M=32768 D_PADDED=512 HAS_OWN=True HAS_OTHER=True "
+    assert lines == ["_softmax_ce_bwd_kernel N_BUCKET=32768 M_BUCKET=32768 D_PADDED=512 HAS_OWN=True HAS_OTHER=True "
                      f"HAS_SOFT=False COMPUTE_DS=True bfloat16,float32 -> {picked}"]
     assert "FLATTEN: True" in lines[0]
     assert profile.triton_autotune_choices() == lines

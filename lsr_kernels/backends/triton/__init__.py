@@ -31,7 +31,7 @@ _TUNED = (softmax_ce._softmax_ce_fwd_tuned, softmax_ce._softmax_ce_bwd_tuned, so
 
 def autotune_choices() -> List[str]:
     """What the autotuner picked in this process, one line per (kernel, key):
-    ``kernel N=.. M=.. .. dtypes -> config``. For reports (``python -m benchmarks profile``): which
+    ``kernel N_BUCKET=.. M_BUCKET=.. .. dtypes -> config``. For reports (``python -m benchmarks profile``): which
     configs win on a device, e.g. whether the flattened loops beat the nested ones."""
     lines = []
     for tuned in _TUNED:
