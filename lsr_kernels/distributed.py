@@ -93,7 +93,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends, composite, reference
-from .backends.chunked import exp_sums, merge_exp_sums, take_positives
+from ._tiles import exp_sums, merge_exp_sums, take_positives
 from . import _validation as V
 
 __all__ = ["MODES", "check_process_group", "agree_across_ranks", "gather_features", "all_reduce_sum",
@@ -453,7 +453,7 @@ class _RowTerms(torch.autograd.Function):
     of ``LSE_j X_ij - X_i,rn+i`` (``X = s a B^T``), each ``gram`` pair's ``S_r``.
 
     Forward: per tile ``logits = s (a_R @ B_C^T)``, each row's max and sum of exponentials merged
-    across tiles and blocks, kept apart until the loss (``chunked.exp_sums``); positives read from
+    across tiles and blocks, kept apart until the loss (:mod:`lsr_kernels._tiles`); positives read from
     the local block's tiles (``s <a_i, b_i>``, rank-local). Saved: the inputs and one ``[n]`` LSE per
     nce pair (and, in gather mode, the gathered columns).
     Backward, per nce pair with ``w = g / n``: ``P = exp(logits - lse)``;
@@ -491,7 +491,7 @@ class _RowTerms(torch.autograd.Function):
         tile_rows, tile_cols = _tile_shape(n, n, device)
         wide = {i: tensors[i].to(acc) for kind, i, _, _ in spec.pairs if kind == "gram"}
         sq_norms = {i: x.square().sum(1) for i, x in wide.items()}
-        # per nce pair: each row's (top, total) of its logits, kept apart (see chunked.exp_sums), and
+        # per nce pair: each row's (top, total) of its logits, kept apart (lsr_kernels._tiles), and
         # its positive logit, read from the local block's tiles so that top - positive >= 0 exactly
         stats = {p: (torch.full((n,), float("-inf"), dtype=acc, device=device), torch.zeros(n, dtype=acc, device=device),
                      torch.empty(n, dtype=acc, device=device))

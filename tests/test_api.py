@@ -256,6 +256,15 @@ def test_bad_device_names_argument():
         lsr_kernels.clip_loss(v, v, torch.tensor(1.0, device="meta"), backend="reference")
 
 
+def test_import_stays_light():
+    """``import lsr_kernels`` loads no backend module and not torch._dynamo (about a second, and with a
+    sanitizer preloaded, C++ exceptions it throws at import broke scripts/cuda_emu_sanitize.py)."""
+    code = ("import sys, lsr_kernels; print(sorted(m for m in sys.modules if m.startswith("
+            "('torch._dynamo', 'lsr_kernels.backends.', 'triton'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
 def test_bad_features_next_to_a_tensor_logit_bias_name_the_features():
     v = unit_rows(4, 3)
     with pytest.raises(TypeError, match=r"image_features: expected a torch.Tensor, got NoneType"):

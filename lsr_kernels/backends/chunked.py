@@ -8,8 +8,9 @@ extra memory is O((N + K) D) for the gradient accumulators plus a few tiles of `
 (see :func:`default_block_size`). Formulas: SPEC.md 2.1, 2.2 (uniformity), 2.6.
 
 ``info_nce(a, b, s, symmetric, offset)``, ``X = s a b^T``, ``r_i = LSE_j X_ij``, ``c_j = LSE_i X_ij``:
-    loss ``= mean_i (r_i - X_ii)`` (``symmetric``: the mean of that and ``mean_j (c_j - X_jj)``);
-    ``c`` comes from the same row blocks as ``r`` through a running log-add-exp over blocks.
+    loss ``= mean_i (r_i - X_ii)`` (``symmetric``: the mean of that and ``mean_j (c_j - X_jj)``), each
+    ``r_i - X_ii`` formed as ``(max_i - X_ii) + log sum_j exp(X_ij - max_i)`` (:mod:`lsr_kernels._tiles`);
+    ``c`` comes from the same row blocks as ``r``, its max and sum merged over blocks.
     ``dL/dX = w (P_row + P_col - 2 I)`` (``symmetric``, ``w = g / 2N``) or ``w (P_row - I)``
     (``w = g / N``) with ``P_row = exp(X - r_i)``, ``P_col = exp(X - c_j)``;
     ``da = s dL/dX b``, ``db = s dL/dX^T a``, ``ds = sum_ij dL/dX_ij <a_i, b_j>``. One-way, ``b`` may
@@ -23,7 +24,7 @@ extra memory is O((N + K) D) for the gradient accumulators plus a few tiles of `
 ``itc_soft_ce(q, q_m, bank, s, alpha)``, ``X = s q bank^T``, ``X_m = s q_m bank^T`` (``N x M``):
     loss ``= mean_i (LSE_j X_ij - alpha sum_j softmax(X_m)_ij X_ij - (1 - alpha) X_ii)``, the soft
     target term accumulated over column blocks with an online rescaling (running max, sum and
-    weighted sum of ``X``); ``dL/dX = (g / N) (P - Y)``, ``dq = s dL/dX bank``,
+    weighted sum of ``max_i - X_ij``); ``dL/dX = (g / N) (P - Y)``, ``dq = s dL/dX bank``,
     ``ds = sum_ij dL/dX_ij <q_i, bank_j>``. No gradient for ``q_m`` or ``bank``.
 
 Precision: the matmuls of ``info_nce`` and ``itc_soft_ce`` run in the input dtype (tensor cores for
@@ -44,10 +45,12 @@ a compiled model, with their hand-written backward.
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .._tiles import exp_, exp_sums, merge_exp_sums, take_positives
 
 from .. import _validation as V
 
@@ -67,8 +70,6 @@ _CPU_TILE_BYTES = 32 << 20
 _ACCELERATOR_TILE_BYTES = 256 << 20
 # Below ~32 rows a block's matmul is too thin for BLAS/cuBLAS to be efficient.
 _MIN_BLOCK = 32
-# Floors for the arguments of exp (see _exp_); fp16/bf16 never reach exp (statistics are fp32).
-_EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
 
 
 def _tile_bytes(device: torch.device) -> int:
@@ -126,35 +127,6 @@ def _tile(buffer: Tensor, rows: int, cols: int) -> Tensor:
     """A contiguous ``rows x cols`` view at the start of a flat scratch buffer (reused every block:
     on CPU a fresh multi-MiB allocation per block costs page faults comparable to the exp work)."""
     return buffer[: rows * cols].view(rows, cols)
-
-
-def _exp_(x: Tensor) -> Tensor:
-    """``exp`` in place, arguments floored where the result stays a normal number.
-
-    Every exp here is of a shifted logit (``<= 0`` up to rounding) and feeds a sum that contains a
-    term near 1, so a floor of -80 (fp32; exp(-80) ~ 2e-35) or -700 (fp64) changes no result at the
-    working precision. It matters for speed: PyTorch's vectorised CPU exp leaves its fast path for
-    arguments whose exp underflows (30-100 ns instead of ~2 ns per element), which is most of a
-    tile once ``s`` has grown to CLIP's 100.
-    """
-    return x.clamp_(min=_EXP_FLOOR[x.dtype]).exp_()
-
-
-def exp_sums(x: Tensor, dim: int, scratch: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """``(top, total)``: the max of ``x`` along ``dim`` and ``sum exp(x - top)``, kept apart so that a
-    loss ``log(total) + (top - x_pos)`` never subtracts two numbers of the logits' size (``top + log
-    total`` rounds ``log total`` to the precision of ``s``: a loss near 0 came out negative).
-    ``scratch`` (same shape, contiguous) keeps ``x``; without it ``x`` is overwritten (its last use)."""
-    top = x.amax(dim, keepdim=True)
-    top.masked_fill_(top.isinf(), 0.0)  # all -inf stays -inf, any +inf gives +inf: no nan
-    work = x.sub_(top) if scratch is None else torch.sub(x, top, out=scratch)
-    return top.squeeze(dim), _exp_(work).sum(dim)
-
-
-def merge_exp_sums(top: Tensor, total: Tensor, new_top: Tensor, new_total: Tensor) -> Tuple[Tensor, Tensor]:
-    """Merge two ``(top, total)`` statistics of :func:`exp_sums` (``(-inf, 0)`` is the empty one)."""
-    merged = torch.maximum(top, new_top)
-    return merged, total * (top - merged).exp() + new_total * (new_top - merged).exp()
 
 
 def _scale_as(scale: Tensor, wide: torch.dtype) -> Tensor:
@@ -218,7 +190,7 @@ class _InfoNCEEager(torch.autograd.Function):
             positive = logits.diagonal(offset=offset + i0).clone()
             shift = logits.amax(1, keepdim=True)
             shift.masked_fill_(shift.isinf(), 0.0)
-            p = _exp_(logits.sub_(shift))  # exp(X - max), in place: X is not needed again
+            p = exp_(logits.sub_(shift))  # exp(X - max), in place: X is not needed again
             total = p.sum(1)
             row_excess[i0:i1] = (shift.squeeze(1) - positive).add_(total.log())  # (see exp_sums)
             h = p.div_(total[:, None])
@@ -323,10 +295,10 @@ class _InfoNCE(torch.autograd.Function):
             a_blk = a[i0:i1]
             logits = _logits(a_blk, b_t, s, _tile(logits_buf, rows, m), lp_buf)
             # tile = H = exp(X - r_i) (+ exp(X - c_j)) - (1 or 2) on the positives
-            tile = _exp_(torch.sub(logits, row_lse[i0:i1, None], out=_tile(tile_buf, rows, m)))
+            tile = exp_(torch.sub(logits, row_lse[i0:i1, None], out=_tile(tile_buf, rows, m)))
             if symmetric:
                 col_part = logits if not scale_by_tile else _tile(extra_buf, rows, m).copy_(logits)
-                tile.add_(_exp_(col_part.sub_(col_lse[None, :])))
+                tile.add_(exp_(col_part.sub_(col_lse[None, :])))
             tile.diagonal(offset=offset + i0).sub_(diag_count)
             if scale_by_tile:
                 scale_acc += torch.mul(tile, logits, out=_tile(extra_buf, rows, m)).sum()
@@ -378,7 +350,7 @@ def _exp_gram_tile(x: Tensor, sq_norms: Tensor, t: float, i0: int, i1: int, buff
     tile = _tile(buffer, rows, cols)
     # 2t <x_j, x_k> - t |x_k|^2 in one addmm, then - t |x_j|^2 and the exp in place.
     torch.addmm(sq_norms[None, i0:], x[i0:i1], x[i0:].T, beta=-t, alpha=2 * t, out=tile)
-    return _exp_(tile.sub_(sq_norms[i0:i1, None], alpha=t))
+    return exp_(tile.sub_(sq_norms[i0:i1, None], alpha=t))
 
 
 class _ExpGramSum(torch.autograd.Function):
@@ -482,7 +454,7 @@ class _ITCSoftCE(torch.autograd.Function):
                     new_max = torch.maximum(run_max, weights.amax(1))
                     new_max.masked_fill_(new_max == float("-inf"), 0.0)  # a row of -inf: no nan
                     rescale = (run_max - new_max).exp_()
-                    _exp_(weights.sub_(new_max[:, None]))
+                    exp_(weights.sub_(new_max[:, None]))
                     lift = torch.where(prev_top == float("-inf"), 0.0, run_top - prev_top)
                     gap = torch.sub(run_top[:, None], logits, out=logits)  # top - X: X's last use
                     weight_sum = weights.sum(1)
@@ -553,12 +525,12 @@ class _ITCSoftCE(torch.autograd.Function):
                 logits = _logits(q[i0:i1], bank_blk.T, s, _tile(logits_buf, rows, cols), lp_buf)
                 # tile = P - Y = exp(X - lse) - alpha exp(X_m - lse_m) - (1 - alpha) on the positives
                 if scale_by_tile:  # X is still needed for sum(tile * X)
-                    tile = _exp_(torch.sub(logits, lse[i0:i1, None], out=_tile(tile_buf, rows, cols)))
+                    tile = exp_(torch.sub(logits, lse[i0:i1, None], out=_tile(tile_buf, rows, cols)))
                 else:
-                    tile = _exp_(logits.sub_(lse[i0:i1, None]))
+                    tile = exp_(logits.sub_(lse[i0:i1, None]))
                 if distill:
                     soft = _logits(q_m[i0:i1], bank_blk.T, s, _tile(second_buf, rows, cols), lp_buf)
-                    tile.sub_(_exp_(soft.sub_(lse_m[i0:i1, None])), alpha=alpha)
+                    tile.sub_(exp_(soft.sub_(lse_m[i0:i1, None])), alpha=alpha)
                 if alpha < 1.0:
                     lo, hi = max(i0, j0), min(i1, j1)
                     if lo < hi:
@@ -585,13 +557,6 @@ class _ITCSoftCE(torch.autograd.Function):
         if grad_q is not None:
             grad_q = grad_q.to(q.dtype)
         return grad_q, None, None, grad_scale, None, None, None
-
-
-def take_positives(logits: Tensor, i0: int, i1: int, j0: int, j1: int, positives: Tensor) -> None:
-    """Copy ``X_ii`` for the rows of block ``[i0, i1)`` whose positive column ``i`` is in ``[j0, j1)``."""
-    lo, hi = max(i0, j0), min(i1, j1)
-    if lo < hi:
-        positives[lo:hi] = logits[lo - i0:hi - i0, lo - j0:hi - j0].diagonal()
 
 
 @torch.compiler.disable
