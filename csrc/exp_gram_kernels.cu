@@ -140,6 +140,7 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) exp_gram_bwd_kernel
     gemm2.prefetch(b_blk, b_rows, d0, D, p.vec);
     K::Gemm1::run(a_ops, a_rows, b_blk, b_rows, D, p.vec, gemm1_smem, s_ops, K::LDS);
     __syncthreads();
+    acc_t tile_sum = acc_t(0);  // per tile, then into row_sum: a chain of N / BN adds, not N / kTPR
 #pragma unroll
     for (int k = 0; k < K::BN / K::kTPR; ++k) {
       const int c = part + K::kTPR * k;
@@ -149,9 +150,10 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) exp_gram_bwd_kernel
         kv = c0 == r0 && c == row ? acc_t(1)
                                   : exp_acc<kFast>(-t * (n_r + norms[c0 + c] - acc_t(2) * S[row * K::LDS + c]));
       }
-      row_sum += kv;
+      tile_sum += kv;
       gemm2.sH[row * K::Gemm2::LDH + c] = Convert<T>::from(kv * kH);
     }
+    row_sum += tile_sum;
     gemm2.accumulate(d0, D);
     __syncthreads();
   }

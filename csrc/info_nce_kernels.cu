@@ -251,6 +251,7 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_bwd_kernel
     } else {
       __syncthreads();
     }
+    acc_t ds_tile = acc_t(0);  // summed per tile, then into ds_acc: a chain of M / BN adds, not M / kTPR
 #pragma unroll
     for (int k = 0; k < K::BN / K::kTPR; ++k) {
       const int c = part + K::kTPR * k;
@@ -268,9 +269,10 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_bwd_kernel
         }
         if (pos_col - c0 == c) h -= acc_t(int(USE_ROW) + int(USE_COL));
       }
-      ds_acc += h * sv;
+      ds_tile += h * sv;
       gemm2.sH[row * K::Gemm2::LDH + c] = Convert<T>::from(h * kH);
     }
+    ds_acc += ds_tile;
     gemm2.accumulate(d0, D);
     __syncthreads();  // sH, sB2 and S are rewritten by the next tile
   }
@@ -357,6 +359,7 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_fwd_grad_k
     if (part == 0) rows[row] = factor;
     // block-uniform: rescale what the earlier tiles accumulated (nothing yet on the first tile)
     if (__syncthreads_or(bump && c0 > 0)) gemm2.scale_rows(rows);
+    acc_t l_tile = acc_t(0), w_tile = acc_t(0);  // per tile, then into the running sums (shorter chains)
 #pragma unroll
     for (int k = 0; k < K::BN / K::kTPR; ++k) {
       const int c = part + K::kTPR * k;
@@ -366,10 +369,12 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_fwd_grad_k
         h = exp_acc<kFast>(mul_rn(s, sv) - ref);
         if (pos_col - c0 == c) diag_part = sv;
       }
-      l_part += h;
-      w_part += h * sv;
+      l_tile += h;
+      w_tile += h * sv;
       gemm2.sH[row * K::Gemm2::LDH + c] = Convert<T>::from(h * kPScale);
     }
+    l_part += l_tile;
+    w_part += w_tile;
     gemm2.accumulate(d0, D);
     __syncthreads();  // sH, sB2, S and rows are rewritten by the next tile
   }

@@ -168,6 +168,7 @@ __global__ void __launch_bounds__(kThreads) itc_bwd_kernel(const ItcBwdParams p)
     gemm2.prefetch(b_blk, b_rows, d0, D, p.vec);
     K::Gemm1::run(a_ops, a_rows, b_blk, b_rows, D, p.vec, gemm1_smem, s_ops, K::LDS);
     __syncthreads();
+    acc_t ds_tile = acc_t(0);  // summed per tile, then into ds_acc: a chain of M / BN adds, not M / kTPR
 #pragma unroll
     for (int k = 0; k < K::BN / K::kTPR; ++k) {
       const int c = part + K::kTPR * k;
@@ -178,9 +179,10 @@ __global__ void __launch_bounds__(kThreads) itc_bwd_kernel(const ItcBwdParams p)
         h = exp_acc<kFast>(mul_rn(s, s1) - lse_r) - alpha * exp_acc<kFast>(mul_rn(s, S2[row * K::LDS + c]) - lse_m_r);
         if (r0 + row == c0 + c) h -= acc_t(1) - alpha;
       }
-      ds_acc += h * s1;
+      ds_tile += h * s1;
       gemm2.sH[row * K::Gemm2::LDH + c] = Convert<T>::from(h * kH);
     }
+    ds_acc += ds_tile;
     gemm2.accumulate(d0, D);
     __syncthreads();
   }
