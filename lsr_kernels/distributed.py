@@ -93,8 +93,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends, composite, reference
-from ._tiles import exp_sums, merge_exp_sums, take_positives
 from . import _validation as V
+from ._tiles import exp_sums, merge_exp_sums, take_positives
 
 __all__ = ["MODES", "check_process_group", "agree_across_ranks", "gather_features", "all_reduce_sum",
            "clip_loss", "lsr_loss", "itc_loss"]
@@ -493,8 +493,8 @@ class _RowTerms(torch.autograd.Function):
         sq_norms = {i: x.square().sum(1) for i, x in wide.items()}
         # per nce pair: each row's (top, total) of its logits, kept apart (lsr_kernels._tiles), and
         # its positive logit, read from the local block's tiles so that top - positive >= 0 exactly
-        stats = {p: (torch.full((n,), float("-inf"), dtype=acc, device=device), torch.zeros(n, dtype=acc, device=device),
-                     torch.empty(n, dtype=acc, device=device))
+        stats = {p: (torch.full((n,), float("-inf"), dtype=acc, device=device),
+                     torch.zeros(n, dtype=acc, device=device), torch.empty(n, dtype=acc, device=device))
                  for p, (kind, _, _, _) in enumerate(spec.pairs) if kind == "nce"}
         totals = {p: torch.zeros((), dtype=acc, device=device)
                   for p, (kind, _, _, _) in enumerate(spec.pairs) if kind == "gram"}

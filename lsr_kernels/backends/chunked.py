@@ -50,9 +50,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._tiles import exp_, exp_sums, merge_exp_sums, take_positives
-
 from .. import _validation as V
+from .._tiles import exp_, exp_sums, merge_exp_sums, take_positives
 
 __all__ = ["default_block_size", "info_nce", "exp_gram_sum", "itc_soft_ce"]
 
