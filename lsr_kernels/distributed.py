@@ -771,7 +771,7 @@ def _start(call: str, tensors: Dict[str, object], settings: Dict[str, object], v
     Only a missing process group raises at once (no collective is possible). Everything else, a
     ``world_size`` or ``rank`` that disagrees with the group included, is this rank's local error,
     settled in :func:`agree_across_ranks` so that every rank raises together."""
-    if group is not None and not isinstance(group, dist.ProcessGroup):  # before any collective reads it
+    if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):  # before use
         raise TypeError(f"group: expected a torch.distributed ProcessGroup or None, got {type(group).__name__}")
     if not _initialised():
         raise ValueError(f"{'world_size = ' + str(world_size) + ': ' if world_size is not None else ''}"
