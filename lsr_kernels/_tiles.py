@@ -29,15 +29,21 @@ def exp_(x: Tensor) -> Tensor:
     return x.clamp_(min=EXP_FLOOR[x.dtype]).exp_()
 
 
+def sub_max_(x: Tensor, dim: int, scratch: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """``(top, x - top)``: the max along ``dim`` and ``x`` shifted by it, in place (or into ``scratch``,
+    same shape and contiguous, keeping ``x``)."""
+    top = x.amax(dim, keepdim=True)
+    top.masked_fill_(top.isinf(), 0.0)  # all -inf stays -inf, any +inf gives +inf: no nan
+    return top.squeeze(dim), (x.sub_(top) if scratch is None else torch.sub(x, top, out=scratch))
+
+
 def exp_sums(x: Tensor, dim: int, scratch: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """``(top, total)``: the max of ``x`` along ``dim`` and ``sum exp(x - top)``, kept apart so that a
     loss ``log(total) + (top - x_pos)`` never subtracts two numbers of the logits' size (``top + log
     total`` rounds ``log total`` to the precision of ``s``: a loss near 0 came out negative).
     ``scratch`` (same shape, contiguous) keeps ``x``; without it ``x`` is overwritten (its last use)."""
-    top = x.amax(dim, keepdim=True)
-    top.masked_fill_(top.isinf(), 0.0)  # all -inf stays -inf, any +inf gives +inf: no nan
-    work = x.sub_(top) if scratch is None else torch.sub(x, top, out=scratch)
-    return top.squeeze(dim), exp_(work).sum(dim)
+    top, shifted = sub_max_(x, dim, scratch)
+    return top, exp_(shifted).sum(dim)
 
 
 def merge_exp_sums(top: Tensor, total: Tensor, new_top: Tensor, new_total: Tensor) -> Tuple[Tensor, Tensor]:

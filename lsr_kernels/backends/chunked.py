@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from .. import _validation as V
-from .._tiles import exp_, exp_sums, merge_exp_sums, take_positives
+from .._tiles import exp_, exp_sums, merge_exp_sums, sub_max_, take_positives
 
 __all__ = ["default_block_size", "info_nce", "exp_gram_sum", "itc_soft_ce"]
 
@@ -425,7 +425,7 @@ class _ITCSoftCE(torch.autograd.Function):
 
         size = block * col_block
         logits_buf = torch.empty(size, dtype=wide, device=dev)
-        second_buf = torch.empty(size, dtype=wide, device=dev)  # momentum logits, then lse scratch
+        momentum_buf = torch.empty(size, dtype=wide, device=dev) if distill else None  # X_m tiles
         lp_buf = torch.empty(size, dtype=q.dtype, device=dev) if q.dtype != wide else None
         for i0 in range(0, n, block):
             i1 = min(i0 + block, n)
@@ -444,20 +444,24 @@ class _ITCSoftCE(torch.autograd.Function):
                 cols = j1 - j0
                 bank_t = bank[j0:j1].T
                 logits = _logits(q[i0:i1], bank_t, s, _tile(logits_buf, rows, cols), lp_buf)
-                second = _tile(second_buf, rows, cols)
                 take_positives(logits, i0, i1, j0, j1, positives)
-                prev_top = run_top
-                run_top, run_total = merge_exp_sums(run_top, run_total, *exp_sums(logits, 1, second))
+                tile_top, shifted = sub_max_(logits, 1)  # X - tile_top, in place: X's last use
                 if distill:
-                    weights = _logits(q_m[i0:i1], bank_t, s, second, lp_buf)
+                    weights = _logits(q_m[i0:i1], bank_t, s, _tile(momentum_buf, rows, cols), lp_buf)
                     new_max = torch.maximum(run_max, weights.amax(1))
                     new_max.masked_fill_(new_max == float("-inf"), 0.0)  # a row of -inf: no nan
                     rescale = (run_max - new_max).exp_()
                     exp_(weights.sub_(new_max[:, None]))
-                    lift = torch.where(prev_top == float("-inf"), 0.0, run_top - prev_top)
-                    gap = torch.sub(run_top[:, None], logits, out=logits)  # top - X: X's last use
                     weight_sum = weights.sum(1)
-                    run_gap = (run_gap + run_sum * lift) * rescale + weights.mul_(gap).sum(1)
+                    tile_gap = weights.mul_(shifted).sum(1).neg_()  # sum w (tile_top - X) >= 0
+                prev_top = run_top
+                run_top, run_total = merge_exp_sums(run_top, run_total, tile_top, exp_(shifted).sum(1))
+                if distill:
+                    # both gaps measured from the new running top: earlier columns lifted by how far
+                    # it moved, this tile's by how far it lies above this tile's own top
+                    lift = torch.where(prev_top == float("-inf"), 0.0, run_top - prev_top)
+                    run_gap = ((run_gap + run_sum * lift) * rescale + tile_gap
+                               + (run_top - tile_top) * weight_sum)
                     run_sum = run_sum * rescale + weight_sum
                     run_max = new_max
             top[i0:i1] = run_top
