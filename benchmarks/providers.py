@@ -145,7 +145,7 @@ def open_clip_loss_module():
 
 
 def _open_clip(op: str, x: O.Inputs) -> LossFn:
-    loss = open_clip_loss_module().ClipLoss()
+    loss = open_clip_loss_module().ClipLoss(cache_labels=True)  # as open_clip's training builds it
     v, t = x.features["image_features"], x.features["text_features"]
     return lambda: loss(v, t, x.scale)
 
