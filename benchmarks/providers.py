@@ -5,7 +5,7 @@ provider           what is called                                     ops       
 =================  =================================================  ==========  ===============
 reference          ``lsr_kernels.*_loss(..., backend="reference")``   all         cpu, cuda
 compiled           ``torch.compile`` of the reference terms            all         cpu, cuda
-open_clip          ``open_clip.loss.ClipLoss()``                       clip        cpu, cuda
+open_clip          ``open_clip.loss.ClipLoss(cache_labels=True)``      clip        cpu, cuda
 inf_cl             Inf-CL's ``cal_flash_loss`` in both directions      clip        cuda
 chunked            ``lsr_kernels.*_loss(..., backend="chunked")``      all         cpu, cuda
 triton             ``lsr_kernels.*_loss(..., backend="triton")``       all         cuda
