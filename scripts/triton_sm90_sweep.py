@@ -61,14 +61,15 @@ def _signatures(ptr: str, acc_ptr: str):
             **_names(["rows_per_group", "cols_per_split"], "i32")}),
         "softmax_ce_bwd": (softmax_ce._softmax_ce_bwd_kernel, {
             **ce_in, **_names(["coef_ptr", "own_lse_ptr", "other_lse_ptr", "soft_lse_ptr"], acc_ptr), "DQ_ptr": ptr,
-            "ds_rows_ptr": acc_ptr, "alpha_ptr": acc_ptr, **_names(["N", "M", "D", "pos_off", "N_BUCKET", "M_BUCKET"], "i32"), **strides,
+            "ds_rows_ptr": acc_ptr, "alpha_ptr": acc_ptr,
+            **_names(["N", "M", "D", "pos_off", "N_BUCKET", "M_BUCKET"], "i32"), **strides,
             **_names(["stride_dqs", "stride_dqn", "stride_dqd", "cols_per_split"], "i32")}),
         "info_nce_fwd_grad": (softmax_ce._info_nce_fwd_grad_kernel, {
             "Q_ptr": ptr, "K_ptr": ptr, "scale_ptr": acc_ptr,
             **_names(["part_max_ptr", "part_sum_ptr", "part_dot_ptr", "diag2_ptr", "diag_raw_ptr", "ACC_ptr"],
                      acc_ptr),
-            **_names(["N", "M", "D", "pos_off", "N_BUCKET", "M_BUCKET", "stride_qn", "stride_qd", "stride_kn", "stride_kd",
-                      "stride_as", "stride_an", "stride_ad", "cols_per_split"], "i32")}),
+            **_names(["N", "M", "D", "pos_off", "N_BUCKET", "M_BUCKET", "stride_qn", "stride_qd", "stride_kn",
+                      "stride_kd", "stride_as", "stride_an", "stride_ad", "cols_per_split"], "i32")}),
         "exp_gram_fwd": (exp_gram._exp_gram_fwd_kernel, {
             "X_ptr": ptr, **_names(["sq_ptr", "row_part_ptr"], acc_ptr),
             **_names(["N", "D", "stride_xn", "stride_xd"], "i32"), "neg_t_log2e_ptr": acc_ptr, "N_BUCKET": "i32"}),
@@ -108,7 +109,8 @@ def build(fn, signature: dict, constexprs: dict, cfg: triton.Config):
     sig = {k: ("constexpr" if k in constexprs else v) for k, v in signature.items()}
     sig.update({k: "constexpr" for k in constexprs})
     attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
-             if v != "constexpr" and (v.startswith("*") or k.startswith("stride_") or k in ("N", "M", "D", "N_BUCKET", "M_BUCKET"))}
+             if v != "constexpr" and (v.startswith("*") or k.startswith("stride_")
+                                      or k in ("N", "M", "D", "N_BUCKET", "M_BUCKET"))}
     src = ASTSource(fn=fn, signature=sig, attrs=attrs,
                     constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),

@@ -273,7 +273,8 @@ def test_bad_features_next_to_a_tensor_logit_bias_name_the_features():
         lsr_kernels.ClipLoss()(v.tolist(), v, 10.0, torch.zeros(2))
 
 
-@pytest.mark.parametrize("kw,name", [(dict(logit_scale=10**400), "logit_scale"), (dict(sep_weight=10**400), "sep_weight"),
+@pytest.mark.parametrize("kw,name", [(dict(logit_scale=10**400), "logit_scale"),
+                                     (dict(sep_weight=10**400), "sep_weight"),
                                      (dict(uniformity_t=10**400), "uniformity_t")])
 def test_integers_past_floats_range_name_the_argument(kw, name):
     v = unit_rows(4, 3)

@@ -454,8 +454,8 @@ def _info_nce_fwd_grad_kernel(
 # Tuned per shape (N and M bucketed, the padded D), so a small warm-up batch does not fix the config of the real one.
 _softmax_ce_fwd_tuned = autotuned(FORWARD_CONFIGS, ["N_BUCKET", "M_BUCKET", "D_PADDED", "HAS_SOFT", "HAS_COL"])(
     _softmax_ce_fwd_kernel)
-_softmax_ce_bwd_tuned = autotuned(BACKWARD_CONFIGS, ["N_BUCKET", "M_BUCKET", "D_PADDED", "HAS_OWN", "HAS_OTHER", "HAS_SOFT",
-                                                     "COMPUTE_DS"])(_softmax_ce_bwd_kernel)
+_softmax_ce_bwd_tuned = autotuned(BACKWARD_CONFIGS, ["N_BUCKET", "M_BUCKET", "D_PADDED", "HAS_OWN", "HAS_OTHER",
+                                                     "HAS_SOFT", "COMPUTE_DS"])(_softmax_ce_bwd_kernel)
 # Same register budget as the backward (an fp32 [BLOCK_M, BLOCK_DO] accumulator): same configs.
 _info_nce_fwd_grad_tuned = autotuned(BACKWARD_CONFIGS, ["N_BUCKET", "M_BUCKET", "D_PADDED"])(_info_nce_fwd_grad_kernel)
 
