@@ -51,9 +51,14 @@ def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def is_real(value) -> bool:
+    """A Python or NumPy real number, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def as_number(name: str, value) -> float:
     """A real scalar argument (Python or NumPy number) as a Python float; anything else is a TypeError."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+    if is_real(value):
         try:
             return float(value)
         except OverflowError:  # an int past float's range
@@ -123,7 +128,7 @@ def check_scale(logit_scale, like: Tensor) -> Tensor:
                              f"(already exponentiated, as open_clip passes logit_scale.exp(); CLIP clamps it "
                              f"at 100), got {value!r}")
 
-    if isinstance(logit_scale, numbers.Real) and not isinstance(logit_scale, bool):
+    if is_real(logit_scale):
         value = as_number("logit_scale", logit_scale)
         check_value(value)
         compute = torch.float64 if like.dtype == torch.float64 else torch.float32
@@ -150,7 +155,7 @@ def check_scale(logit_scale, like: Tensor) -> Tensor:
 def check_logit_bias(logit_bias, like: Tensor) -> None:
     """open_clip's ``ClipLoss`` takes a ``logit_bias`` it adds to every logit; only a scalar cancels
     in each softmax, so only a scalar (or ``None``) may reach a loss that does not compute it."""
-    if logit_bias is None or (isinstance(logit_bias, numbers.Real) and not isinstance(logit_bias, bool)):
+    if logit_bias is None or is_real(logit_bias):
         return
     if not isinstance(logit_bias, Tensor):
         raise TypeError(f"logit_bias: expected None, a number or a scalar tensor, got {type(logit_bias).__name__}")

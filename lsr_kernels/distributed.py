@@ -83,7 +83,6 @@ enqueues the momentum features with :meth:`lsr_kernels.FeatureQueue.enqueue_gath
 """
 from __future__ import annotations
 
-import numbers
 import struct
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -979,7 +978,7 @@ def gather_for_queue(rows: Tensor, group=None) -> Tensor:
 
 
 def _as_float(value) -> float:
-    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else float("nan")
+    return float(value) if V.is_real(value) else float("nan")
 
 
 def _as_str(value) -> str:

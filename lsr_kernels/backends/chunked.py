@@ -187,11 +187,10 @@ class _InfoNCEEager(torch.autograd.Function):
             a_blk = a[i0:i1]
             logits = _logits(a_blk, b_t, s, _tile(logits_buf, i1 - i0, m), None)
             positive = logits.diagonal(offset=offset + i0).clone()
-            shift = logits.amax(1, keepdim=True)
-            shift.masked_fill_(shift.isinf(), 0.0)
-            p = exp_(logits.sub_(shift))  # exp(X - max), in place: X is not needed again
+            top, shifted = sub_max_(logits, 1)
+            p = exp_(shifted)  # exp(X - max), in place: X is not needed again
             total = p.sum(1)
-            row_excess[i0:i1] = (shift.squeeze(1) - positive).add_(total.log())  # (see exp_sums)
+            row_excess[i0:i1] = (top - positive).add_(total.log())  # (see exp_sums)
             h = p.div_(total[:, None])
             h.diagonal(offset=offset + i0).sub_(1.0)
             h.mul_(weight)
