@@ -757,6 +757,12 @@ def test_emulated_op_error_names_argument_and_shapes(emu):
         emu.ops.info_nce_fwd(a, torch.randn(7, 4), torch.ones(()), True, 0)
 
 
+# opcheck's checks that apply to ops whose autograd lives in Python autograd.Functions above them
+# (test_autograd_registration expects a registered autograd kernel): schema, fake impls against the
+# real outputs, AOT dispatch with static and dynamic shapes.
+_OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
 @pytest.mark.slow
 def test_emulated_fake_registrations(emu):
     a, b = torch.randn(9, 5), torch.randn(9, 5)
@@ -768,15 +774,15 @@ def test_emulated_fake_registrations(emu):
         (emu.ops.exp_gram_fwd, (a, 2.0)),
         (emu.ops.itc_fwd, (a, b, bank, s, 0.4)),
     ]:
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(op, args, test_utils=_OPCHECK_UTILS)
     loss, lse_row, lse_col = emu.ops.info_nce_fwd(a, b, s, True, 0)
     g = torch.ones(())
     torch.library.opcheck(emu.ops.info_nce_bwd, (g, a, b, s, lse_row, lse_col, True, True, 0),
-                          test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(emu.ops.exp_gram_bwd, (g, a, 2.0), test_utils=("test_schema", "test_faketensor"))
+                          test_utils=_OPCHECK_UTILS)
+    torch.library.opcheck(emu.ops.exp_gram_bwd, (g, a, 2.0), test_utils=_OPCHECK_UTILS)
     _, lse, lse_m = emu.ops.itc_fwd(a, b, bank, s, 0.4)
     torch.library.opcheck(emu.ops.itc_bwd, (g, a, b, bank, s, lse, lse_m, 0.4),
-                          test_utils=("test_schema", "test_faketensor"))
+                          test_utils=_OPCHECK_UTILS)
 
 
 @pytest.mark.parametrize("primitive", ["symmetric", "one-way", "one-way-b", "itc", "exp_gram"])
@@ -914,9 +920,9 @@ def test_gpu_opcheck_and_compile(prims, cuda_device):
     s = _scale(10.0, torch.bfloat16, cuda_device)
     ops = torch.ops.lsr_kernels
     torch.library.opcheck(ops.info_nce_fwd, (a.detach(), b.detach(), s.detach(), True, 0),
-                          test_utils=("test_schema", "test_faketensor"))
+                          test_utils=_OPCHECK_UTILS)
     torch.library.opcheck(ops.itc_fwd, (a.detach(), b.detach(), b.detach(), s.detach(), 0.4),
-                          test_utils=("test_schema", "test_faketensor"))
+                          test_utils=_OPCHECK_UTILS)
     compiled = torch.compile(lambda a, b, s: prims.info_nce(a, b, s, True), backend="aot_eager", fullgraph=True)
     out = compiled(a, b, s)
     ref = prims.info_nce(a, b, s, True)
