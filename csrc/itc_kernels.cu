@@ -6,7 +6,9 @@
 //   Y = alpha Pm + (1 - alpha) I   (a constant: no gradient through the soft targets)
 //   loss = -(1/N) sum_ij Y_ij log P_ij = (1/N) sum_i [lse_i - alpha sum_j Pm_ij X_ij - (1 - alpha) X_ii]
 // (each row of Y sums to 1). The forward keeps, per row, online statistics of X (max, sum) and of
-// Xm (max, sum, and the Pm-weighted sum of X, rescaled whenever the running max of Xm moves).
+// Xm (max, sum, and the Pm-weighted gap sum_j Pm_ij (max_i X - X_ij) >= 0, rescaled whenever the
+// running max of Xm moves and lifted whenever that of X does). A Pm-weighted sum of X itself would
+// cancel against X_ii, both about s, and lose the loss of a well-aligned batch.
 //
 // Backward: dL/dX = (P - Y) / N, so
 //   grad_q = g s / N (P - Y) bank,   grad_s = g / N sum_ij (P - Y)_ij S_ij   (S = q bank^T),
@@ -55,7 +57,7 @@ __global__ void __launch_bounds__(kThreads) itc_fwd_kernel(const ItcFwdParams p)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int grp = lane >> 3, j8 = lane & 7;
 
-  // Per row: X statistics (m1, l1); Xm statistics (m2, l2) and w2 = sum_j exp(Xm_ij - m2) X_ij;
+  // Per row: X statistics (m1, l1); Xm statistics (m2, l2) and w2 = sum_j exp(Xm_ij - m2) (m1 - X_ij);
   // the raw diagonal S[i, i].
   acc_t m1[K::kRounds], l1[K::kRounds], m2[K::kRounds], l2[K::kRounds], w2[K::kRounds], dg[K::kRounds];
 #pragma unroll
@@ -82,24 +84,27 @@ __global__ void __launch_bounds__(kThreads) itc_fwd_kernel(const ItcFwdParams p)
       }
       t1 = group_max<8>(t1);
       t2 = group_max<8>(t2);
+      const acc_t n1 = max_acc(m1[rd], t1);
       acc_t e1 = acc_t(0), e2 = acc_t(0), w = acc_t(0);
       for (int c = j8; c < b_rows; c += 8) {
         const acc_t v1 = mul_rn(s, x1[c]);
         const acc_t p2 = exp_acc<kFast>(mul_rn(s, x2[c]) - t2);
         e1 += exp_acc<kFast>(v1 - t1);
         e2 += p2;
-        w += p2 * v1;
+        w += p2 * (n1 - v1);
       }
       e1 = group_sum<8>(e1);
       e2 = group_sum<8>(e2);
       w = group_sum<8>(w);
-      const acc_t n1 = max_acc(m1[rd], t1);
       l1[rd] = l1[rd] * exp_acc<kFast>(m1[rd] - n1) + e1 * exp_acc<kFast>(t1 - n1);
-      m1[rd] = n1;
       const acc_t n2 = max_acc(m2[rd], t2);
       const acc_t keep = exp_acc<kFast>(m2[rd] - n2), add = exp_acc<kFast>(t2 - n2);
+      // the earlier tiles' gap, measured from the old max of X, lifted to the new one (l2 = 0 on the
+      // first tile, where m1 is still -inf)
+      const acc_t lift = l2[rd] > acc_t(0) ? (n1 - m1[rd]) * l2[rd] : acc_t(0);
+      w2[rd] = (w2[rd] + lift) * keep + w * add;
       l2[rd] = l2[rd] * keep + e2 * add;
-      w2[rd] = w2[rd] * keep + w * add;
+      m1[rd] = n1;
       m2[rd] = n2;
       const int dc = r0 + row - c0;  // the positive's column in this tile, if it is here
       if (dc >= 0 && dc < b_rows) dg[rd] = x1[dc];
@@ -119,8 +124,9 @@ __global__ void __launch_bounds__(kThreads) itc_fwd_kernel(const ItcFwdParams p)
         const acc_t pos = mul_rn(s, dg[rd]);
         lse[r0 + row] = m1[rd] + log_l1;
         lse_m[r0 + row] = m2[rd] + log_acc(l2[rd]);
-        // (LSE - X_ii) - alpha (sum_j Pm_ij X_ij - X_ii), the first difference taken at the max
-        row_term[r0 + row] = ((m1[rd] - pos) + log_l1) - alpha * (w2[rd] / l2[rd] - pos);
+        // (LSE - X_ii) - alpha (sum_j Pm_ij X_ij - X_ii), both differences taken at the max of X:
+        // sum_j Pm_ij X_ij - X_ii = (m1 - X_ii) - sum_j Pm_ij (m1 - X_ij)
+        row_term[r0 + row] = ((m1[rd] - pos) + log_l1) - alpha * ((m1[rd] - pos) - w2[rd] / l2[rd]);
       }
     }
   }

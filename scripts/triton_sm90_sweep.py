@@ -55,7 +55,7 @@ def _signatures(ptr: str, acc_ptr: str):
     ce_in = {**_names(["Q_ptr", "QM_ptr", "K_ptr"], ptr), "scale_ptr": acc_ptr}
     return {
         "softmax_ce_fwd": (softmax_ce._softmax_ce_fwd_kernel, {
-            **ce_in, **_names(["row_max_ptr", "row_sum_ptr", "soft_max_ptr", "soft_sum_ptr", "soft_dot_ptr",
+            **ce_in, **_names(["row_max_ptr", "row_sum_ptr", "soft_max_ptr", "soft_sum_ptr", "soft_gap_ptr",
                                "col_max_ptr", "col_sum_ptr", "diag_ptr"], acc_ptr),
             **_names(["N", "M", "D", "pos_off", "N_BUCKET", "M_BUCKET"], "i32"), **strides,
             **_names(["rows_per_group", "cols_per_split"], "i32")}),

@@ -34,6 +34,24 @@ def lsr_inputs(n, d, dtype=torch.float32, device="cpu", scale=10.0):
     return feats, s
 
 
+def aligned_rows(n, d, count, dtype=torch.float32, device="cpu", noise=0.02, seed=0):
+    """``count`` sets of unit rows, each a small perturbation of one shared set: a well-trained
+    model's batch, where every positive dominates its row and the loss is far below log N."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, d, dtype=torch.float64, generator=gen)
+    return [F.normalize(base + noise * torch.randn(n, d, dtype=torch.float64, generator=gen), dim=-1)
+            .to(device=device, dtype=dtype).requires_grad_() for _ in range(count)]
+
+
+def aligned_itc_inputs(n, k, d, seed=0):
+    """ITC's ``q``, ``q_m`` and bank (``n`` positives then ``k`` unrelated queue rows) for a
+    well-trained batch: fp32, no gradients; the ITC loss is near 1e-4 at a scale of 20."""
+    q, q_m, positives = (x.detach() for x in aligned_rows(n, d, 3, seed=seed))
+    gen = torch.Generator().manual_seed(seed + 1000)
+    queue = F.normalize(torch.randn(k, d, dtype=torch.float64, generator=gen), dim=-1).float()
+    return q, q_m, torch.cat([positives, queue])
+
+
 def grads(loss, tensors):
     """Gradients of ``loss`` w.r.t. ``tensors`` (zeros where it does not depend on one)."""
     gs = torch.autograd.grad(loss, tensors, allow_unused=True)

@@ -50,7 +50,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import require_cuda_extension, unit_rows
+from helpers import aligned_itc_inputs, aligned_rows, require_cuda_extension, unit_rows
 from lsr_kernels import reference as R
 from lsr_kernels.backends import cuda as cuda_backend
 
@@ -548,6 +548,37 @@ def test_emulated_symmetric_backward_wide_spread(emu, dtype, wide_side):
     a, b = _spread_rows(131, 16, dtype, wide_side)
     _compare(lambda a, b, s: emu.info_nce(a, b, s, True), lambda a, b, s: R.info_nce(a, b, s, True),
              [a, b, _scale(30.0, dtype, "cpu")], dtype, f"wide {wide_side} {DTYPE_IDS[dtype]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("primitive", ["symmetric", "one-way", "itc"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_emulated_low_precision_on_a_well_aligned_batch(emu, dtype, primitive):
+    """Every positive dominates its row (loss near 1e-3): G'_ii = P_ii - 1 must be formed in fp32
+    before G' is rounded to the input dtype for the tensor cores, or the gradient is mostly residue."""
+    a, b, q_m, extra = aligned_rows(70, 48, 4, dtype=dtype)
+    bank = torch.cat([b, extra]).detach()
+    s = _scale(12.0, dtype, "cpu")
+    if primitive == "itc":
+        _compare(lambda a, s: emu.itc_soft_ce(a, q_m.detach(), bank, s, 0.4),
+                 lambda a, s: R.itc_soft_ce(a, q_m.detach().to(a.dtype), bank.to(a.dtype), s, 0.4),
+                 [a, s], dtype, f"aligned itc {DTYPE_IDS[dtype]}")
+    else:
+        symmetric = primitive == "symmetric"
+        _compare(lambda a, b, s: emu.info_nce(a, b, s, symmetric), lambda a, b, s: R.info_nce(a, b, s, symmetric),
+                 [a, b, s], dtype, f"aligned {primitive} {DTYPE_IDS[dtype]}")
+
+
+@pytest.mark.slow
+def test_emulated_itc_loss_of_a_well_aligned_batch(emu):
+    """A loss near 1e-4 at s = 20 (fp32): the soft term must be a Pm-weighted gap from the row's max;
+    as a Pm-weighted sum of X minus X_ii it cancelled to 5-10x PyTorch's own fp32 error."""
+    for seed in range(4):
+        q, q_m, bank = aligned_itc_inputs(70, 30, 48, seed)
+        args = lambda dtype: (q.to(dtype), q_m.to(dtype), bank.to(dtype), torch.tensor(20.0, dtype=dtype), 0.4)  # noqa: E731,B023
+        exact = R.itc_soft_ce(*args(torch.float64))
+        bound = 3 * _rel(R.itc_soft_ce(*args(torch.float32)), exact)[0] + 1e-6
+        assert _rel(emu.itc_soft_ce(*args(torch.float32)), exact)[0] <= bound, seed
 
 
 @pytest.mark.slow

@@ -184,7 +184,7 @@ def _own_plus_other_exp2(t, own, other, own_top, own_factor, own_floor, col_mask
 def _softmax_ce_fwd_kernel(
     Q_ptr, QM_ptr, K_ptr, scale_ptr,
     row_max_ptr, row_sum_ptr,                  # [splits, N] partial row statistics
-    soft_max_ptr, soft_sum_ptr, soft_dot_ptr,  # [splits, N] momentum-row statistics, sum Pm t (HAS_SOFT)
+    soft_max_ptr, soft_sum_ptr, soft_gap_ptr,  # [splits, N] momentum-row statistics, sum Pm (max - t) (HAS_SOFT)
     col_max_ptr, col_sum_ptr,                  # [groups, M] partial column statistics (HAS_COL)
     diag_ptr,                                  # [N] t_ii = s log2(e) <q_i, k_(i + pos_off)>
     N, M, D, pos_off,                          # the positive of row i is column i + pos_off
@@ -244,16 +244,20 @@ def _softmax_ce_fwd_kernel(
             else:
                 row_sum = tl.sum(tl.exp2(t - m_new[:, None]), 1)
             l_i = l_i * tl.exp2(m_i - m_new) + row_sum
-            m_i = m_new
             if HAS_SOFT:
-                # momentum softmax Pm and the running sum of Pm_ij t_ij (rescaled with its max)
+                # momentum softmax Pm and the running gap sum_j Pm_ij (max_i - t_ij) >= 0, measured
+                # from the running max of t (lifted by (new - old) sum Pm when it moves) and
+                # rescaled with Pm's own max: a sum of Pm t from 0 would cancel against t_ii (both
+                # about s log2 e) and lose the loss of a well-aligned batch
                 tm = tl.where(valid, sm * scale_log2, NEG_BIG)
                 mm_new = tl.maximum(mm_i, tl.max(tm, 1))
                 pm = tl.exp2(tm - mm_new[:, None])
                 rescale = tl.exp2(mm_i - mm_new)
+                lift = (m_new - tl.where(lm_i > 0, m_i, m_new)) * lm_i  # lm_i = 0 while m_i = -inf
+                w_i = (w_i + lift) * rescale + tl.sum(pm * tl.where(valid, m_new[:, None] - t, 0.0), 1)
                 lm_i = lm_i * rescale + tl.sum(pm, 1)
-                w_i = w_i * rescale + tl.sum(pm * tl.where(valid, t, 0.0), 1)
                 mm_i = mm_new
+            m_i = m_new
             if HAS_COL:
                 # online log-sum-exp down the column, merged into this group's partial (starting
                 # fresh at the group's first row block makes re-running the kernel idempotent)
@@ -273,7 +277,7 @@ def _softmax_ce_fwd_kernel(
         if HAS_SOFT:
             tl.store(soft_max_ptr + row_off, mm_i, mask=row_mask)
             tl.store(soft_sum_ptr + row_off, lm_i, mask=row_mask)
-            tl.store(soft_dot_ptr + row_off, w_i, mask=row_mask)
+            tl.store(soft_gap_ptr + row_off, w_i, mask=row_mask)
         # column i + pos_off (the positive of row i) lies in exactly one split: that program writes it
         pos = rows + pos_off
         tl.store(diag_ptr + rows, diag, mask=row_mask & (pos >= col_lo) & (pos < col_hi))
@@ -352,25 +356,22 @@ def _softmax_ce_bwd_kernel(
         if HAS_SOFT:
             tm = tl.where(col_mask[None, :], sm * scale_log2, NEG_BIG)
             g -= alpha * tl.exp2(tm - soft[:, None])
+        if (n0 < pid_m * BLOCK_M + pos_off + BLOCK_M) & (pid_m * BLOCK_M + pos_off < n0 + BLOCK_N):
+            # the positives' one-hot, subtracted in fp32 before the dot rounds G' to the input dtype:
+            # on a well-aligned batch g_ii is c - eps with eps far below fp16's step at c, and
+            # rounding g_ii first would leave the gradient mostly rounding residue
+            shift = (pid_m * BLOCK_M + pos_off - n0).to(tl.int32)
+            hit = (tl.arange(0, BLOCK_M)[:, None] + shift == tl.arange(0, BLOCK_N)[None, :]) & col_mask[None, :]
+            g = tl.where(hit, g - diag_coef[:, None], g)
         if COMPUTE_DS:
-            # sum_j G'_ij <q_i, k_j> in fp32 from the unrounded tiles (the dot below rounds G' to the
-            # input dtype), positives included, from the same tile values as the rest of the row
+            # sum_j G'_ij <q_i, k_j> in fp32 from the unrounded tiles, from the same tile values as
+            # the rest of the row
             ds_row += tl.sum(g * s, 1)
-            if (n0 < pid_m * BLOCK_M + pos_off + BLOCK_M) & (pid_m * BLOCK_M + pos_off < n0 + BLOCK_N):
-                shift = (pid_m * BLOCK_M + pos_off - n0).to(tl.int32)
-                hit = tl.arange(0, BLOCK_M)[:, None] + shift == tl.arange(0, BLOCK_N)[None, :]
-                ds_row -= diag_coef * tl.sum(tl.where(hit, s, 0.0), 1)
         k_out = tl.load(K_ptr + cols[:, None] * stride_kn + outs[None, :] * stride_kd,
                         mask=col_mask[:, None] & out_mask[None, :], other=0.0)
         # G' enters the tensor cores unscaled (|G'| <= 2): no fp16 underflow of w = 1/N.
         acc = tl.dot(g.to(k_out.dtype), k_out, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
-    # the positives: -diag_coef * k_(i + pos_off), added by the split that holds that column
-    pos = rows + pos_off
-    pos_mask = row_mask & (pos >= col_lo) & (pos < col_hi)
-    k_pos = tl.load(K_ptr + pos[:, None] * stride_kn + outs[None, :] * stride_kd,
-                    mask=pos_mask[:, None] & out_mask[None, :], other=0.0)
-    acc -= diag_coef[:, None] * k_pos.to(ACC_DTYPE)
     if COMPUTE_DS:
         # every D slice saw the same tiles: the first one reports
         tl.store(ds_rows_ptr + pid_split.to(tl.int64) * N + rows, ds_row, mask=row_mask & (pid_do == 0))
@@ -484,7 +485,7 @@ def softmax_ce_forward(q: Tensor, k: Tensor, scale: Tensor, *, q_m: Optional[Ten
     args = dict(
         Q_ptr=q, QM_ptr=q_m_arg, K_ptr=k, scale_ptr=scale,
         row_max_ptr=row_max, row_sum_ptr=row_sum,
-        soft_max_ptr=soft[0], soft_sum_ptr=soft[1], soft_dot_ptr=soft[2],
+        soft_max_ptr=soft[0], soft_sum_ptr=soft[1], soft_gap_ptr=soft[2],
         col_max_ptr=cols[0], col_sum_ptr=cols[1], diag_ptr=diag2,
         N=n, M=m, D=d, pos_off=pos_off, N_BUCKET=tune_bucket(n), M_BUCKET=tune_bucket(m),
         stride_qn=q.stride(0), stride_qd=q.stride(1), stride_qmn=q_m_arg.stride(0),
@@ -505,7 +506,11 @@ def softmax_ce_forward(q: Tensor, k: Tensor, scale: Tensor, *, q_m: Optional[Ten
         rescale = torch.exp2(soft[0] - top)
         total = (soft[1] * rescale).sum(0)
         out["soft_lse2"] = top + torch.log2(total)
-        out["soft_excess2"] = ((soft[2] * rescale).sum(0) - diag2 * total) / total
+        # each split's gap is measured from its own max of t: lift it to the row's
+        t_top = row_max.amax(0)
+        gap = ((soft[2] + (t_top - row_max) * soft[1]) * rescale).sum(0)
+        # sum_j Pm_ij t_ij - t_ii = (max_i - t_ii) - sum_j Pm_ij (max_i - t_ij)
+        out["soft_excess2"] = (t_top - diag2) - gap / total
     return out
 
 
