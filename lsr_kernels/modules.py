@@ -18,6 +18,15 @@ from . import backends, distributed, functional
 from . import _validation as V
 
 
+def _with_zero_bias_gradient(loss: Tensor, logit_bias) -> Tensor:
+    """A scalar bias added to every logit cancels in each softmax, so open_clip's loss does not depend
+    on it and neither do these. It stays in the graph with a zero gradient, as in open_clip: DDP
+    without find_unused_parameters fails on a parameter that receives no gradient."""
+    if isinstance(logit_bias, Tensor) and logit_bias.requires_grad:
+        loss = loss + (logit_bias.reshape(()) * 0).to(loss.dtype)
+    return loss
+
+
 class _DistributedArgs(nn.Module):
     """open_clip's distributed arguments, shared by the three losses."""
 
@@ -72,18 +81,13 @@ class ClipLoss(_DistributedArgs):
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
                 logit_bias: Optional[Tensor] = None, output_dict: bool = False):
-        # A scalar bias added to every logit cancels in each softmax: open_clip's loss does not
-        # depend on it, and neither does this one.
         V.check_logit_bias(logit_bias, image_features)
         if self.world_size > 1:
             loss = distributed.clip_loss(image_features, text_features, logit_scale, mode=self.distributed_mode,
                                          **self._distributed_kwargs())
         else:
             loss = functional.clip_loss(image_features, text_features, logit_scale, backend=self.backend)
-        if isinstance(logit_bias, Tensor) and logit_bias.requires_grad:
-            # In the graph with a zero gradient, as in open_clip: DDP without find_unused_parameters
-            # fails on a parameter that receives no gradient.
-            loss = loss + (logit_bias.reshape(()) * 0).to(loss.dtype)
+        loss = _with_zero_bias_gradient(loss, logit_bias)
         return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -119,11 +123,17 @@ class LSRLoss(_DistributedArgs):
         self.bridge_t = V.check_open_interval("bridge_t", bridge_t, 0.0, 1.0)
         self.uniformity_t = V.check_uniformity_t(uniformity_t)
 
-    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, *,
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
+                logit_bias: Optional[Tensor] = None, output_dict: bool = False, *,
                 image_aug: Optional[Tensor] = None, text_aug: Optional[Tensor] = None,
                 image_ind: Optional[Tensor] = None, text_ind: Optional[Tensor] = None,
-                image_ind_aug: Optional[Tensor] = None, text_ind_aug: Optional[Tensor] = None,
-                output_dict: bool = False):
+                image_ind_aug: Optional[Tensor] = None, text_ind_aug: Optional[Tensor] = None):
+        """The total, or with ``output_dict=True`` open_clip's form: each term as it enters the total
+        (``contrastive_loss`` and, for the terms that are on, ``separation_loss``, ``bridge_loss``,
+        ``geometric_loss`` times their weights), so that ``sum(losses.values())``, as open_clip's
+        training loop computes it, is the total. (:func:`lsr_kernels.lsr_loss` returns the total and
+        the unweighted terms.) ``logit_bias``: as :class:`ClipLoss`'s (a scalar that cancels)."""
+        V.check_logit_bias(logit_bias, image_features)
         kwargs = dict(image_aug=image_aug, text_aug=text_aug, image_ind=image_ind, text_ind=text_ind,
                       image_ind_aug=image_ind_aug, text_ind_aug=text_ind_aug, sep_weight=self.sep_weight,
                       bridge_weight=self.bridge_weight, gc_weight=self.gc_weight, bridge_t=self.bridge_t,
@@ -133,7 +143,13 @@ class LSRLoss(_DistributedArgs):
                                        **kwargs, **self._distributed_kwargs())
         else:
             out = functional.lsr_loss(image_features, text_features, logit_scale, backend=self.backend, **kwargs)
-        return out if output_dict else out["loss"]
+        if not output_dict:
+            return _with_zero_bias_gradient(out["loss"], logit_bias)
+        weights = {"separation_loss": self.sep_weight, "bridge_loss": self.bridge_weight,
+                   "geometric_loss": self.gc_weight}
+        parts = {"contrastive_loss": _with_zero_bias_gradient(out["contrastive_loss"], logit_bias)}
+        parts.update((term, weights[term] * out[term]) for term in weights if term in out)
+        return parts
 
 
 class ITCLoss(_DistributedArgs):

@@ -19,6 +19,14 @@ def weights_only(**on):
     return {**dict(sep_weight=0.0, bridge_weight=0.0, gc_weight=0.0), **on}
 
 
+def weighted_parts(terms, sep_weight, bridge_weight, gc_weight):
+    """``lsr_loss``'s ``{"loss", <unweighted terms>}`` as LSRLoss's ``output_dict`` gives them: each
+    term times its weight, no total (open_clip's form: the values sum to the total)."""
+    weights = {"separation_loss": sep_weight, "bridge_loss": bridge_weight, "geometric_loss": gc_weight}
+    return {"contrastive_loss": terms["contrastive_loss"],
+            **{k: weights[k] * v for k, v in terms.items() if k in weights}}
+
+
 def unit_rows(n, d, dtype=torch.float32, device="cpu", requires_grad=True):
     # drawn on the target device: the GPU tests' largest inputs (10^8 float64 draws) would take tens
     # of seconds of CPU time inside the GPU check's capped test stage

@@ -104,13 +104,37 @@ def test_lsr_module_and_itc_module():
     feats, s = lsr_inputs(7, 6)
     mod = LSRLoss(**ALL_ON, backend="reference")
     kw = {k: v for k, v in feats.items() if k not in ("image_features", "text_features")}
-    out = mod(feats["image_features"], feats["text_features"], s, output_dict=True, **kw)
-    assert rel_err(out["loss"], _call(feats, s, backend="reference", **ALL_ON)["loss"]) < 1e-7
-    assert mod(feats["image_features"], feats["text_features"], s, **kw).dim() == 0
+    total = mod(feats["image_features"], feats["text_features"], s, **kw)
+    assert total.dim() == 0
+    assert rel_err(total, _call(feats, s, backend="reference", **ALL_ON)["loss"]) < 1e-7
     v, t, vm, tm = (feats[k] for k in ("image_features", "text_features", "image_aug", "text_aug"))
     q = unit_rows(12, 6, requires_grad=False)
     loss = ITCLoss(alpha=0.3, backend="reference")(v, t, vm, tm, s, image_queue=q, text_queue=q)
     assert rel_err(loss, R.itc_loss(v, t, vm, tm, s, q, q, 0.3)) < 1e-7
+
+
+def test_lsr_module_output_dict_sums_to_the_total_as_open_clip_sums_it():
+    """open_clip's training loop: ``losses = loss(**model_out, output_dict=True)``, then
+    ``total_loss = sum(losses.values())``. The values are the weighted terms (no total among them,
+    which the sum would count twice); ``logit_bias`` in ``model_out`` is taken as ClipLoss takes it."""
+    feats, s = lsr_inputs(7, 6)
+    weights = dict(sep_weight=0.5, bridge_weight=2.0, gc_weight=0.25)
+    want = _call(feats, s, backend="reference", **weights)
+    bias = torch.tensor(-10.0, requires_grad=True)
+    model_out = {**feats, "logit_scale": s, "logit_bias": bias}
+    losses = LSRLoss(**weights, backend="reference")(**model_out, output_dict=True)
+    assert set(losses) == {"contrastive_loss", "separation_loss", "bridge_loss", "geometric_loss"}
+    assert rel_err(losses["separation_loss"], 0.5 * want["separation_loss"]) < 1e-7
+    assert rel_err(losses["bridge_loss"], 2.0 * want["bridge_loss"]) < 1e-7
+    total_loss = sum(losses.values())
+    assert rel_err(total_loss, want["loss"]) < 1e-6
+    g_bias, g_s = torch.autograd.grad(total_loss, [bias, s])
+    assert g_bias.item() == 0.0
+    assert rel_err(g_s, torch.autograd.grad(want["loss"], [s])[0]) < 1e-6
+    plain = LSRLoss(**weights_only(), backend="reference")(**model_out, output_dict=True)
+    assert set(plain) == {"contrastive_loss"}
+    with pytest.raises(ValueError, match="logit_bias: expected a scalar"):
+        LSRLoss(**weights, backend="reference")(**{**model_out, "logit_bias": torch.zeros(7, 7)})
 
 
 def test_logit_scale_as_number_and_shape_one():

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import lsr_kernels
 from lsr_kernels import ClipLoss, FeatureQueue, ITCLoss, LSRLoss, distributed as D, reference as R
 from lsr_kernels.train import exit_worker
-from helpers import ALL_ON, FEATURE_NAMES, backend_available, rel_err, unit_rows, weights_only
+from helpers import ALL_ON, FEATURE_NAMES, backend_available, rel_err, unit_rows, weighted_parts, weights_only
 
 JOB_TIMEOUT_S = 170
 GPU_JOB_TIMEOUT_S = 90  # the GPU jobs run inside scripts/gpu_check.sh's 150 s test stage
@@ -214,9 +214,11 @@ def _lsr_case(rank, world, device, *, backend, mode, local_loss, gather_with_gra
                       rank=rank, world_size=world, distributed_mode=mode)
     out = loss_fn(local["image_features"], local["text_features"], s, output_dict=True,
                   **{k: v for k, v in local.items() if k not in ("image_features", "text_features")})
-    assert set(out) == set(ref), f"{tag}: keys {sorted(out)} != {sorted(ref)}"
+    want = {k: v.detach() for k, v in weighted_parts(ref, **weights).items()}
+    assert set(out) == set(want), f"{tag}: keys {sorted(out)} != {sorted(want)}"
+    out["loss"], want["loss"] = sum(out.values()), ref["loss"].detach()  # open_clip's training loop's sum
     *got_grads, scale_grad = _grads(out["loss"], [local[k] for k in grad_names] + [s])
-    _check_contract(tag, out, dict(zip(grad_names, got_grads)), scale_grad, {k: v.detach() for k, v in ref.items()},
+    _check_contract(tag, out, dict(zip(grad_names, got_grads)), scale_grad, want,
                     dict(zip(grad_names, ref_grads)), ref_scale_grad, rows, local_loss, gather_with_grad, TOL[dtype])
     D.TILE_SHAPE = None
 

@@ -17,7 +17,7 @@ from lsr_kernels.data import (CLS_ID, DIGIT_WORDS, EOS_ID, MASK_ID, PAD_ID, UNK_
                               load_csv_pairs, load_digits_pairs, split_pairs)
 from lsr_kernels.models import ALBEF, ALBEFConfig, CLIP, CLIPConfig, build_model
 from lsr_kernels.models.albef import _sample_hard_negatives, mask_tokens
-from helpers import weights_only
+from helpers import weighted_parts, weights_only
 
 VOCAB = 40
 TINY = dict(vocab_size=VOCAB, context_length=10, image_size=8, channels=1, patch_size=4, vision_width=16,
@@ -88,8 +88,9 @@ def test_clip_losses_match_the_reference_terms_and_reach_every_head():
                             image_aug=b["image_features"], text_aug=b["text_features"], image_ind=a["image_ind"],
                             text_ind=a["text_ind"], image_ind_aug=b["image_ind"], text_ind_aug=b["text_ind"],
                             separation=True, bridge=True, geometric=True)
-    for key, value in terms.items():
+    for key, value in weighted_parts(terms, sep_weight=1.0, bridge_weight=1.0, gc_weight=0.25).items():
         torch.testing.assert_close(out[key].detach(), value, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["loss"], sum(v for k, v in out.items() if k not in ("loss", "logit_scale")))
     out["loss"].backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
@@ -180,8 +181,9 @@ def test_albef_losses_all_terms_and_gradients():
     expected = {"loss", "itc_loss", "itm_loss", "mlm_loss", "separation_loss", "bridge_loss", "geometric_loss",
                 "logit_scale"}
     assert set(out) == expected
+    # the regulariser terms come weighted, as LSRLoss's output_dict has them
     total = out["itc_loss"] + out["itm_loss"] + out["mlm_loss"] + out["separation_loss"] + out["bridge_loss"] \
-        + 0.25 * out["geometric_loss"]
+        + out["geometric_loss"]
     torch.testing.assert_close(out["loss"], total)
     out["loss"].backward()
     for name, p in model.named_parameters():

@@ -223,8 +223,9 @@ class ALBEF(nn.Module):
         with equal ids are never hard negatives of each other. ``alpha``: the distillation weight
         (default ``config.alpha``; ALBEF ramps it up over the first epoch).
 
-        Returns ``{"loss", "itc_loss", "itm_loss", "mlm_loss", <each regulariser term that is on,
-        unweighted>, "logit_scale"}``; ``loss = itc + itm + mlm + sum_k weight_k * term_k``.
+        Returns ``{"loss", "itc_loss", "itm_loss", "mlm_loss", <each regulariser term that is on, times
+        its weight, as LSRLoss's output_dict has it>, "logit_scale"}``; ``loss`` is the sum of the
+        others but ``logit_scale``.
         Enqueues the momentum features afterwards.
         """
         c = self.config
@@ -279,12 +280,12 @@ class ALBEF(nn.Module):
                                  text_ind_aug=self.text_ind_proj_m(text_hidden_m[:, 0]))
                 extra.update(image_ind=self.image_ind_proj(image_tokens[:, 0]),
                              text_ind=self.text_ind_proj(text_hidden[:, 0]))
-            terms = lsr_loss(image_feat, text_feat, scale, image_aug=image_feat_m, text_aug=text_feat_m,
+            parts = lsr_loss(image_feat, text_feat, scale, image_aug=image_feat_m, text_aug=text_feat_m,
                              output_dict=True, **extra)
-            for term, weight in weights.items():
-                if weight > 0:
-                    out[term] = terms[term]
-                    regulariser = regulariser + weight * terms[term]
+            for term in weights:
+                if term in parts:  # weighted already
+                    out[term] = parts[term]
+                    regulariser = regulariser + parts[term]
 
         # ---- ITM with hard negatives, drawn from the global batch (every rank's rows).
         text_mask = padding_mask(text, c.pad_id)

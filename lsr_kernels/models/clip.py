@@ -114,8 +114,9 @@ class CLIP(nn.Module):
     # -------------------------------------------------------------------------------- objective
     def losses(self, images: Tensor, text: Tensor, lsr_loss: nn.Module, images_aug: Optional[Tensor] = None,
                text_aug: Optional[Tensor] = None) -> Dict[str, Tensor]:
-        """SPEC 2.5 for one batch: ``{"loss", "contrastive_loss", ...}`` as :class:`lsr_kernels.LSRLoss`
-        returns it (with ``output_dict=True``), plus ``"logit_scale"`` (detached, for logging).
+        """SPEC 2.5 for one batch: the total ``"loss"``, each term as it enters the total (the
+        weighted parts :class:`lsr_kernels.LSRLoss` returns with ``output_dict=True``), and
+        ``"logit_scale"`` (detached, for logging).
 
         With views (``images_aug`` and ``text_aug``) the online encoders also run on them (gradient
         flows, SPEC 1); the contrastive loss becomes the four-term form of SPEC 2.1.
@@ -141,7 +142,8 @@ class CLIP(nn.Module):
         if independent:
             kwargs.update(image_ind=feats["image_ind"], text_ind=feats["text_ind"],
                           image_ind_aug=views.get("image_ind"), text_ind_aug=views.get("text_ind"))
-        out = lsr_loss(feats["image_features"], feats["text_features"], scale, output_dict=True, **kwargs)
+        parts = lsr_loss(feats["image_features"], feats["text_features"], scale, output_dict=True, **kwargs)
+        out = {"loss": sum(parts.values()), **parts}
         out["logit_scale"] = scale.detach()
         return out
 
