@@ -118,9 +118,9 @@ def check_scale(logit_scale, like: Tensor) -> Tensor:
 
     ``logit_scale`` is the already-exponentiated multiplier (open_clip's convention). A Python or
     NumPy number becomes a constant tensor (fp64 for fp64 features, fp32 otherwise). The check reads
-    a tensor's value (one host sync per call). A compiled graph cannot raise on a value without that
-    sync, so there an out-of-range scale becomes NaN, which makes the loss NaN rather than a finite
-    wrong number; meta tensors have no value to check.
+    a tensor's value (one host sync per call). A compiled graph, or a CUDA graph being captured,
+    cannot raise on a value without that sync, so there an out-of-range scale becomes NaN, which makes
+    the loss NaN rather than a finite wrong number; meta tensors have no value to check.
     """
     def check_value(value: float) -> None:
         if not (0 < value <= MAX_LOGIT_SCALE):
@@ -144,7 +144,7 @@ def check_scale(logit_scale, like: Tensor) -> Tensor:
         raise ValueError(f"logit_scale: device {logit_scale.device} differs from the features' {like.device} "
                          f"(logit_scale has shape {tuple(logit_scale.shape)}, the features {tuple(like.shape)})")
     logit_scale = logit_scale.reshape(())
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (logit_scale.is_cuda and torch.cuda.is_current_stream_capturing()):
         in_range = (logit_scale > 0) & (logit_scale <= MAX_LOGIT_SCALE)
         return torch.where(in_range, logit_scale, logit_scale.new_full((), math.nan))
     if logit_scale.device.type != "meta":

@@ -394,6 +394,16 @@ def test_under_torch_compile():
         torch.testing.assert_close(g, h)
 
 
+def test_fullgraph_compile_says_which_backend_traces():
+    """fullgraph=True cannot hold a graph break: the error names the backends that trace."""
+    torch._dynamo.reset()
+    v = unit_rows(8, 4, requires_grad=False)
+    compiled = torch.compile(lambda v: C.info_nce(v, v, torch.tensor(10.0), True), backend="aot_eager",
+                             fullgraph=True)
+    with pytest.raises(Exception, match=r"backend='reference' \(CPU\) or backend='triton'"):
+        compiled(v)
+
+
 # ------------------------------------------------------------------------------------- memory
 _MEMORY_CHILD = textwrap.dedent("""
     import ctypes, json, sys

@@ -789,6 +789,25 @@ def test_gpu_large_batch_bf16(cuda_device):
 
 
 @pytest.mark.gpu
+def test_gpu_cuda_graph_capture_of_the_public_api(cuda_device):
+    """Capturing the loss in a CUDA graph: the eager scale check cannot sync during a capture, so
+    there it takes the compiled path's NaN instead; a replay gives the eager loss, and a scale out
+    of range gives NaN."""
+    import lsr_kernels
+    a, b = (unit_rows(1000, 128, torch.bfloat16, cuda_device, requires_grad=False) for _ in range(2))
+    s = torch.tensor(20.0, device=cuda_device)
+    eager = lsr_kernels.clip_loss(a, b, s, backend="triton")  # also compiles the kernels before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = lsr_kernels.clip_loss(a, b, s, backend="triton")
+    graph.replay()
+    torch.testing.assert_close(captured, eager)
+    s.fill_(-1.0)
+    graph.replay()
+    assert torch.isnan(captured).item()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("kind", SPREADS)
 @_bf16_fp16()
 def test_gpu_symmetric_wide_spread(cuda_device, dtype, kind):

@@ -325,7 +325,18 @@ class _InfoNCE(torch.autograd.Function):
         return grad_a, grad_b, grad_scale, None, None, None
 
 
-@torch.compiler.disable
+def _eager_only(fn):
+    """Exclude ``fn`` from torch.compile's tracing, saying why when fullgraph=True trips over it."""
+    reason = ("lsr_kernels' chunked backend (the default on CPU) runs eagerly, with its hand-written "
+              "backward; for a compiled graph without breaks pass backend='reference' (CPU) or "
+              "backend='triton' / 'cuda' (GPU)")
+    try:
+        return torch.compiler.disable(fn, reason=reason)
+    except TypeError:  # torch before 2.7 takes no reason
+        return torch.compiler.disable(fn)
+
+
+@_eager_only
 def info_nce(a: Tensor, b: Tensor, scale: Tensor, symmetric: bool, offset: int = 0, *,
              block_size: Optional[int] = None) -> Tensor:
     """``CE(s a b^T)``, or ``(CE(s a b^T) + CE(s b a^T)) / 2`` when ``symmetric``; one-way with a
@@ -396,7 +407,7 @@ class _ExpGramSum(torch.autograd.Function):
         return acc.to(x.dtype), None, None
 
 
-@torch.compiler.disable
+@_eager_only
 def exp_gram_sum(x: Tensor, t: float, *, block_size: Optional[int] = None) -> Tensor:
     """``sum_{j,k} exp(-t ||x_j - x_k||^2)`` (pairs ``j = k`` included) over the tiles on or above the
     diagonal only, in row blocks of ``block_size``."""
@@ -561,7 +572,7 @@ class _ITCSoftCE(torch.autograd.Function):
         return grad_q, None, None, grad_scale, None, None, None
 
 
-@torch.compiler.disable
+@_eager_only
 def itc_soft_ce(q: Tensor, q_m: Tensor, bank: Tensor, scale: Tensor, alpha: float, *,
                 block_size: Optional[int] = None, col_block_size: Optional[int] = None) -> Tensor:
     """``-(1/N) sum_ij Y_ij log softmax(s q bank^T)_ij`` with ``Y = alpha softmax(s q_m bank^T) +
