@@ -118,6 +118,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_fwd_grad(con
   p.grad_unit = grad_unit.data_ptr();
   p.ds_row = ds_row.data_ptr();
   check_launch(launch_info_nce_fwd_grad(p, max_smem_optin(), current_stream()), kFwdGrad);
+  // The kernel left the positives out of the product (P_pos rounded to the input dtype would lose
+  // 1 - P_pos on a well-aligned batch): sum_j P_ij b_j - b_pos = that - (1 - P_pos) b_pos, with
+  // 1 - P_pos = -expm1(-(lse_i - X_pos)) from the cancellation-free row term.
+  grad_unit.addcmul_(at::expm1(row_term.neg()).unsqueeze(1), b.narrow(0, offset, n));
   return {row_term.sum() / static_cast<double>(n), lse_row, grad_unit, ds_row.sum()};
 }
 

@@ -330,12 +330,12 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_fwd_grad_k
   const bool row_ok = row < a_rows;
   const int pos_col = r0 + row + p.pos_off;
   // Per row, replicated in its kTPR threads: the reference max; per thread: partial sums over its
-  // columns of the weights h = exp(x - ref), of h over the columns other than the positive and of
-  // h S over those, and the positive's S. The positive stays out of the tensor-core product and out
-  // of the S sum: P b - b_pos = (sum_(j != pos) h_j (b_j - b_pos)) / l and sum_j P S - S_pos =
-  // (sum_(j != pos) h_j (S_j - S_pos)) / l, with no 1 - P_pos formed by cancellation (nor P_pos
-  // rounded to T): on a well-aligned batch 1 - P_pos is far below fp16's step at 1.
-  acc_t ref = kNegInf, l_part = acc_t(0), off_part = acc_t(0), w_part = acc_t(0), diag_part = acc_t(0);
+  // columns of the weights h = exp(x - ref), of h S, and the positive's S. The positive stays out of
+  // the tensor-core product, so P_pos is never rounded to T (on a well-aligned batch 1 - P_pos is
+  // far below fp16's step at 1): the kernel writes sum_(j != pos) P_j b_j, and the host subtracts
+  // (1 - P_pos) b_pos with 1 - P_pos = -expm1(-row_term) (row_term = lse - X_pos, formed without
+  // cancellation).
+  acc_t ref = kNegInf, l_part = acc_t(0), w_part = acc_t(0), diag_part = acc_t(0);
 
   const T* a_ops[1] = {A + static_cast<int64_t>(r0) * D};
   acc_t* s_ops[1] = {S};
@@ -358,56 +358,52 @@ __global__ void __launch_bounds__(kThreads, kTwoBlocksPerSM) info_nce_fwd_grad_k
       factor = exp_acc<kFast>(ref - tile_m);  // 0 on the first tile (ref = -inf)
       ref = tile_m;
       l_part *= factor;
-      off_part *= factor;
       w_part *= factor;
     }
     if (part == 0) rows[row] = factor;
     // block-uniform: rescale what the earlier tiles accumulated (nothing yet on the first tile)
     if (__syncthreads_or(bump && c0 > 0)) gemm2.scale_rows(rows);
-    acc_t l_tile = acc_t(0), off_tile = acc_t(0), w_tile = acc_t(0);  // per tile: shorter chains
+    acc_t l_tile = acc_t(0), w_tile = acc_t(0);  // per tile, then into the running sums (shorter chains)
 #pragma unroll
     for (int k = 0; k < K::BN / K::kTPR; ++k) {
       const int c = part + K::kTPR * k;
       const acc_t sv = S[row * K::LDS + c];
       acc_t h = acc_t(0);  // invalid rows / columns: weight 0 (their B rows are zeros as well)
-      if (row_ok && c < b_rows) h = exp_acc<kFast>(mul_rn(s, sv) - ref);
-      l_tile += h;
-      if (pos_col - c0 == c) {
-        diag_part = sv;
-        h = acc_t(0);
+      acc_t h_op = acc_t(0);  // the product's operand: the positive left out
+      if (row_ok && c < b_rows) {
+        h = exp_acc<kFast>(mul_rn(s, sv) - ref);
+        if (pos_col - c0 == c) {
+          diag_part = sv;
+        } else {
+          h_op = h * kPScale;
+        }
       }
-      off_tile += h;
+      l_tile += h;
       w_tile += h * sv;
-      gemm2.sH[row * K::Gemm2::LDH + c] = Convert<T>::from(h * kPScale);
+      gemm2.sH[row * K::Gemm2::LDH + c] = Convert<T>::from(h_op);
     }
     l_part += l_tile;
-    off_part += off_tile;
     w_part += w_tile;
     gemm2.accumulate(d0, D);
     __syncthreads();  // sH, sB2, S and rows are rewritten by the next tile
   }
 
   const acc_t l = group_sum<K::kTPR>(l_part);
-  const acc_t off = group_sum<K::kTPR>(off_part);
   const acc_t w = group_sum<K::kTPR>(w_part);
   const acc_t diag = group_sum<K::kTPR>(diag_part);  // one thread of the row holds the positive
-  acc_t* off_rows = S;  // S is free after the last tile's __syncthreads
-  if (part == 0) {
-    rows[row] = row_ok ? l : acc_t(1);
-    off_rows[row] = row_ok ? off : acc_t(0);
-  }
+  if (part == 0) rows[row] = row_ok ? l : acc_t(1);
   if (part == 0 && row_ok && blockIdx.y == 0) {  // the D-chunks repeat the same statistics
     const acc_t log_l = log_acc(l);
     static_cast<acc_t*>(p.lse_row)[r0 + row] = ref + log_l;
     static_cast<acc_t*>(p.row_term)[r0 + row] = (ref - mul_rn(s, diag)) + log_l;
-    static_cast<acc_t*>(p.ds_row)[r0 + row] = (w - off * diag) / l;
+    static_cast<acc_t*>(p.ds_row)[r0 + row] = w / l - diag;
   }
   __syncthreads();
-  // kept in acc_t: the backward scales it by g s / N and rounds to T once
+  // kept in acc_t: the host subtracts (1 - P_pos) b_pos, the backward scales it by g s / N and
+  // rounds to T once
   acc_t* grad_unit = static_cast<acc_t*>(p.grad_unit);
   gemm2.store(a_rows, d0, D, [&](int r, int col, acc_t v) {
-    const int64_t pos = static_cast<int64_t>(r0 + r + p.pos_off) * D + col;
-    grad_unit[static_cast<int64_t>(r0 + r) * D + col] = (v / kPScale - off_rows[r] * to_acc(B[pos])) / rows[r];
+    grad_unit[static_cast<int64_t>(r0 + r) * D + col] = v / (kPScale * rows[r]);
   });
 }
 
