@@ -59,6 +59,18 @@ class _DistributedArgs(nn.Module):
                     rank=self.rank, world_size=self.world_size, distributed_mode=self.distributed_mode,
                     process_group=self.process_group)
 
+    def extra_repr(self) -> str:
+        """``print(model)`` shows the hyper-parameters, and the placement when distributed."""
+        fields = [f"{name}={value!r}" for name, value in self._hyper_parameters().items()]
+        fields.append(f"backend={self.backend!r}")
+        if self.world_size > 1:
+            fields += [f"rank={self.rank}", f"world_size={self.world_size}", f"local_loss={self.local_loss}",
+                       f"gather_with_grad={self.gather_with_grad}", f"distributed_mode={self.distributed_mode!r}"]
+        return ", ".join(fields)
+
+    def _hyper_parameters(self) -> dict:
+        return {}
+
     def _distributed_kwargs(self) -> dict:
         return dict(backend=self.backend, group=self.process_group, local_loss=self.local_loss,
                     gather_with_grad=self.gather_with_grad, world_size=self.world_size, rank=self.rank)
@@ -123,6 +135,10 @@ class LSRLoss(_DistributedArgs):
         self.bridge_t = V.check_open_interval("bridge_t", bridge_t, 0.0, 1.0)
         self.uniformity_t = V.check_uniformity_t(uniformity_t)
 
+    def _hyper_parameters(self) -> dict:
+        return dict(sep_weight=self.sep_weight, bridge_weight=self.bridge_weight, gc_weight=self.gc_weight,
+                    bridge_t=self.bridge_t, uniformity_t=self.uniformity_t)
+
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
                 logit_bias: Optional[Tensor] = None, output_dict: bool = False, *,
                 image_aug: Optional[Tensor] = None, text_aug: Optional[Tensor] = None,
@@ -173,6 +189,9 @@ class ITCLoss(_DistributedArgs):
         super().__init__(local_loss, gather_with_grad, cache_labels, rank, world_size, use_horovod, backend,
                          distributed_mode, process_group)
         self.alpha = V.check_unit_interval("alpha", alpha)
+
+    def _hyper_parameters(self) -> dict:
+        return dict(alpha=self.alpha)
 
     def forward(self, image_features: Tensor, text_features: Tensor, image_features_m: Tensor,
                 text_features_m: Tensor, logit_scale: Tensor, *, image_queue: Optional[Tensor] = None,

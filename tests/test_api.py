@@ -137,6 +137,17 @@ def test_lsr_module_output_dict_sums_to_the_total_as_open_clip_sums_it():
         LSRLoss(**weights, backend="reference")(**{**model_out, "logit_bias": torch.zeros(7, 7)})
 
 
+def test_modules_print_their_settings():
+    """print(model) shows each loss's hyper-parameters and backend (and its placement when distributed)."""
+    assert repr(LSRLoss(sep_weight=0.5, backend="chunked")) == (
+        "LSRLoss(sep_weight=0.5, bridge_weight=1.0, gc_weight=0.25, bridge_t=0.25, uniformity_t=2.0, "
+        "backend='chunked')")
+    assert repr(lsr_kernels.ClipLoss()) == "ClipLoss(backend='auto')"
+    assert repr(ITCLoss(alpha=0.3, rank=1, world_size=2, local_loss=True, gather_with_grad=True)) == (
+        "ITCLoss(alpha=0.3, backend='auto', rank=1, world_size=2, local_loss=True, gather_with_grad=True, "
+        "distributed_mode='gather')")
+
+
 def test_logit_scale_as_number_and_shape_one():
     v, t = unit_rows(5, 3), unit_rows(5, 3)
     ref = lsr_kernels.clip_loss(v, t, torch.tensor(7.0), backend="reference")
