@@ -62,7 +62,8 @@ struct InfoNceBwdParams {
 
 // One-way CE(X) with the gradient of the left operand in the same pass (FlashAttention's forward
 // with V = b): per row, lse_row, row_term as InfoNceFwdParams, and
-//   grad_unit[r] = sum_c P[r, c] b_c - b_(r + pos_off)   (dL/da_r = g s / n * grad_unit[r]),
+//   grad_unit[r] = sum_(c != r + pos_off) P[r, c] b_c   (the host subtracts (1 - P_pos) b_(r + pos_off),
+//                  then dL/da_r = g s / n * grad_unit[r]),
 //   ds_row[r]    = sum_c P[r, c] S[r, c] - S[r, r + pos_off]   (dL/ds = g / n * sum_r ds_row[r]).
 struct InfoNceFwdGradParams {
   DType dtype;

@@ -132,7 +132,8 @@ def check_scale(logit_scale, like: Tensor) -> Tensor:
         value = as_number("logit_scale", logit_scale)
         check_value(value)
         compute = torch.float64 if like.dtype == torch.float64 else torch.float32
-        return torch.tensor(value, device=like.device, dtype=compute)
+        # a fill kernel, not a host-to-device copy: no sync, and legal inside a CUDA graph capture
+        return torch.full((), value, device=like.device, dtype=compute)
     if not isinstance(logit_scale, Tensor):
         raise TypeError(f"logit_scale: expected a scalar tensor or a number, got {type(logit_scale).__name__}")
     check_tensor("logit_scale", logit_scale)

@@ -21,7 +21,7 @@ the same recomputed tiles inside the ``dq`` kernel (no extra pass; the tensor-co
 Kernels
     ``_softmax_ce_fwd_kernel`` makes ONE pass over the tiles and keeps, in base 2, online running
     (max, sum) statistics per row and, for the symmetric loss, per column (plus the momentum row
-    statistics and the soft-target dot for ITC). Each program owns a (row group x column split)
+    statistics and, for ITC, the soft targets' gap ``sum_j Pm_ij (max_i - t_ij)``). Each program owns a (row group x column split)
     rectangle, so row statistics are partial per split ``[splits, N]`` and column statistics partial
     per group ``[groups, M]``: O(N) memory for a bounded number of programs; a few torch ops merge them.
     The positives ``t_ii`` are read from the same tiles, and the loss is summed per row as
