@@ -60,6 +60,18 @@ def aligned_itc_inputs(n, k, d, seed=0):
     return q, q_m, torch.cat([positives, queue])
 
 
+def aligned_itc_errors(itc_soft_ce, q, q_m, bank, scale=20.0, alpha=0.4):
+    """Relative errors, against float64 arithmetic, of ``itc_soft_ce`` and of PyTorch's own fp32
+    (the reference) on the fp32 inputs of :func:`aligned_itc_inputs`: ``(ours, pytorch)``."""
+    from lsr_kernels import reference as R
+
+    def args(dtype):
+        return q.to(dtype), q_m.to(dtype), bank.to(dtype), torch.tensor(scale, dtype=dtype), alpha
+    exact = R.itc_soft_ce(*args(torch.float64))
+    return (rel_err(itc_soft_ce(*args(torch.float32)), exact),
+            rel_err(R.itc_soft_ce(*args(torch.float32)), exact))
+
+
 def grads(loss, tensors):
     """Gradients of ``loss`` w.r.t. ``tensors`` (zeros where it does not depend on one)."""
     gs = torch.autograd.grad(loss, tensors, allow_unused=True)

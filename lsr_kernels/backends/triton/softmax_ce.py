@@ -20,10 +20,11 @@ the same recomputed tiles inside the ``dq`` kernel (no extra pass; the tensor-co
 
 Kernels
     ``_softmax_ce_fwd_kernel`` makes ONE pass over the tiles and keeps, in base 2, online running
-    (max, sum) statistics per row and, for the symmetric loss, per column (plus the momentum row
-    statistics and, for ITC, the soft targets' gap ``sum_j Pm_ij (max_i - t_ij)``). Each program owns a (row group x column split)
-    rectangle, so row statistics are partial per split ``[splits, N]`` and column statistics partial
-    per group ``[groups, M]``: O(N) memory for a bounded number of programs; a few torch ops merge them.
+    (max, sum) statistics per row and, for the symmetric loss, per column (plus, for ITC, the momentum
+    row statistics and the soft targets' gap ``sum_j Pm_ij (max_i - t_ij)``). Each program owns a
+    (row group x column split) rectangle, so row statistics are partial per split ``[splits, N]`` and
+    column statistics partial per group ``[groups, M]``: O(N) memory for a bounded number of programs;
+    a few torch ops merge them.
     The positives ``t_ii`` are read from the same tiles, and the loss is summed per row as
     ``(max - t_ii) + log2(sum)``, so no O(N s) sums cancel and a lone positive gives exactly 0 (fp32;
     fp16/bf16 share one exponential per logit between the row and column terms, see
