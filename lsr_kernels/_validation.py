@@ -104,8 +104,10 @@ def check_features(named: Dict[str, Optional[Tensor]], *, width_only: Sequence[s
             raise ValueError(f"{name}: device {x.device} differs from {first_name}'s {device} (got {_describe(x)}, "
                              f"{first_name} has shape {(n, d)})")
         if x.shape[1] != d:
+            transposed = name in width_only and x.shape[0] == d  # ALBEF's own code keeps [D, K] queues
+            hint = f"; ALBEF's queue buffers are [D, K]: pass {name}.T" if transposed else ""
             raise ValueError(f"{name}: feature width D = {x.shape[1]} does not match {first_name}'s "
-                             f"D = {d} (got {_describe(x)}, {first_name} has shape {(n, d)})")
+                             f"D = {d} (got {_describe(x)}, {first_name} has shape {(n, d)}{hint})")
         if name not in width_only and x.shape[0] != n:
             raise ValueError(f"{name}: batch size N = {x.shape[0]} does not match {first_name}'s "
                              f"N = {n} (got {_describe(x)}, {first_name} has shape {(n, d)})")

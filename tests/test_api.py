@@ -363,6 +363,8 @@ def test_largest_logit_scale_is_accepted_and_exact():
     (dict(alpha=1.5), r"alpha: expected a number in \[0, 1\], got 1.5"),
     (dict(alpha=-0.1), r"alpha: expected a number in \[0, 1\]"),
     (dict(image_queue=torch.zeros(10, 5)), r"image_queue: feature width D = 5 does not match image_features's D = 4"),
+    (dict(text_queue=torch.zeros(4, 10)), r"text_queue: feature width D = 10 .*ALBEF's queue buffers are \[D, K\]: "
+                                          r"pass text_queue\.T\)"),
     (dict(text_queue=torch.zeros(10)), r"text_queue: expected a 2-D"),
 ])
 def test_bad_itc_inputs(kw, match):
