@@ -18,6 +18,11 @@ from . import backends, distributed, functional
 from . import _validation as V
 
 
+#: The regulariser terms of :func:`lsr_kernels.lsr_loss` and the LSRLoss attribute holding each weight.
+REGULARISER_WEIGHTS = (("separation_loss", "sep_weight"), ("bridge_loss", "bridge_weight"),
+                       ("geometric_loss", "gc_weight"))
+
+
 def _with_zero_bias_gradient(loss: Tensor, logit_bias) -> Tensor:
     """A scalar bias added to every logit cancels in each softmax, so open_clip's loss does not depend
     on it and neither do these. It stays in the graph with a zero gradient, as in open_clip: DDP
@@ -161,10 +166,8 @@ class LSRLoss(_DistributedArgs):
             out = functional.lsr_loss(image_features, text_features, logit_scale, backend=self.backend, **kwargs)
         if not output_dict:
             return _with_zero_bias_gradient(out["loss"], logit_bias)
-        weights = {"separation_loss": self.sep_weight, "bridge_loss": self.bridge_weight,
-                   "geometric_loss": self.gc_weight}
         parts = {"contrastive_loss": _with_zero_bias_gradient(out["contrastive_loss"], logit_bias)}
-        parts.update((term, weights[term] * out[term]) for term in weights if term in out)
+        parts.update((term, getattr(self, weight) * out[term]) for term, weight in REGULARISER_WEIGHTS if term in out)
         return parts
 
 

@@ -41,12 +41,8 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..functional import itc_loss
-from ..modules import FeatureQueue, ITCLoss
+from ..modules import REGULARISER_WEIGHTS, FeatureQueue, ITCLoss
 from .common import Block, Projection, TextTransformer, VisionTransformer, check_positive_ints, init_weights, padding_mask
-
-#: The regulariser terms of :func:`lsr_kernels.lsr_loss` and the LSRLoss attribute holding each weight.
-REGULARISER_WEIGHTS = (("separation_loss", "sep_weight"), ("bridge_loss", "bridge_weight"),
-                       ("geometric_loss", "gc_weight"))
 
 
 @dataclass
